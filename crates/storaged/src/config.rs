@@ -1,0 +1,182 @@
+//! storaged's configuration: command-line flags over an optional TOML file
+//! (`--config`), validated once at start.
+//!
+//! Invariant: a `Config` that exists is valid (sizes parsed and in range,
+//! at least one disk, addresses parsed); everything after start-up can rely
+//! on it.
+
+use anyhow::{Context, bail};
+use extent_store::EngineChoice;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_EXTENT_SIZE: u64 = 256 << 20;
+
+/// The keys of storaged.toml (all optional; flags win).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub nbd_listen: Option<String>,
+    pub disks: Option<Vec<PathBuf>>,
+    pub disk_size: Option<String>,
+    pub extent_size: Option<String>,
+    pub io_engine: Option<String>,
+}
+
+/// The flags that can also come from the file.
+#[derive(Debug, Default, Clone)]
+pub struct FlagConfig {
+    pub config: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub nbd_listen: Option<String>,
+    pub disks: Vec<PathBuf>,
+    pub disk_size: Option<String>,
+    pub extent_size: Option<String>,
+    pub io_engine: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub nbd_listen: SocketAddr,
+    pub disks: Vec<PathBuf>,
+    pub disk_size: Option<u64>,
+    /// `None`: the pool's own (or the default for a new pool).
+    pub extent_size: Option<u64>,
+    pub io_engine: EngineChoice,
+}
+
+/// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
+pub fn parse_size(what: &str, s: &str) -> anyhow::Result<u64> {
+    let v: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("bad {what} {s:?}: {e} (use e.g. 4GiB, 512MiB)"))?;
+    Ok(v.as_u64())
+}
+
+impl Config {
+    pub fn load(flags: FlagConfig) -> anyhow::Result<Config> {
+        let file = match &flags.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .context("no data dir: pass --data-dir DIR or set data-dir in the config file")?;
+        let listen = flags.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let nbd_listen = flags.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
+        let disks = if flags.disks.is_empty() {
+            file.disks.unwrap_or_default()
+        } else {
+            flags.disks
+        };
+        if disks.is_empty() {
+            bail!("no disks: pass --disk PATH (repeatable) or set disks in the config file");
+        }
+        let disk_size = flags
+            .disk_size
+            .or(file.disk_size)
+            .map(|s| parse_size("disk size", &s))
+            .transpose()?;
+        let extent_size = flags
+            .extent_size
+            .or(file.extent_size)
+            .map(|s| parse_size("extent size", &s))
+            .transpose()?;
+        if let Some(es) = extent_size
+            && (es < (1 << 20) || es % (1 << 20) != 0 || es > (4 << 30))
+        {
+            bail!("bad extent size {es}: must be a multiple of 1 MiB, at most 4 GiB");
+        }
+        let es = extent_size.unwrap_or(DEFAULT_EXTENT_SIZE);
+        if let Some(ds) = disk_size
+            && ds < es + (4 << 20)
+        {
+            bail!("disk size {ds} is too small for one extent of {es} bytes plus metadata");
+        }
+        let io_engine = flags
+            .io_engine
+            .or(file.io_engine)
+            .unwrap_or_else(|| "auto".into())
+            .parse::<EngineChoice>()
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Config {
+            data_dir,
+            listen: parse_addr("--listen", &listen)?,
+            nbd_listen: parse_addr("--nbd-listen", &nbd_listen)?,
+            disks,
+            disk_size,
+            extent_size,
+            io_engine,
+        })
+    }
+}
+
+fn parse_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse()
+        .with_context(|| format!("bad {flag} address {s:?}: expected IP:PORT such as 127.0.0.1:7001"))
+}
+
+fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("bad config file {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_sizes_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s.toml");
+        std::fs::write(
+            &p,
+            "data-dir = \"/d\"\nlisten = \"127.0.0.1:1\"\ndisks = [\"/a\", \"/b\"]\ndisk-size = \"1GiB\"\nextent-size = \"4MiB\"\nio-engine = \"sync\"\n",
+        )
+        .expect("write");
+        let c = Config::load(FlagConfig {
+            config: Some(p),
+            listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        })
+        .expect("valid config");
+        assert_eq!(c.listen.port(), 2, "flag must win over the file");
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disk_size, Some(1 << 30));
+        assert_eq!(c.extent_size, Some(4 << 20));
+        assert_eq!(c.io_engine, EngineChoice::Sync);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, "data-dir = \"/d\"\nunknown-key = 1\n").expect("write");
+        let e = Config::load(FlagConfig { config: Some(p), ..Default::default() }).unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
+        let base = FlagConfig {
+            data_dir: Some("/d".into()),
+            disks: vec!["/a".into()],
+            ..Default::default()
+        };
+        let e = Config::load(FlagConfig { disk_size: Some("lots".into()), ..base.clone() }).unwrap_err();
+        assert!(e.to_string().contains("bad disk size"), "{e}");
+        let e = Config::load(FlagConfig { io_engine: Some("fast".into()), ..base.clone() }).unwrap_err();
+        assert!(e.to_string().contains("unknown io engine"), "{e}");
+        let e = Config::load(FlagConfig { listen: Some("nowhere".into()), ..base.clone() }).unwrap_err();
+        assert!(e.to_string().contains("--listen"), "{e}");
+        let e = Config::load(FlagConfig { disks: vec![], ..base }).unwrap_err();
+        assert!(e.to_string().contains("no disks"), "{e}");
+    }
+}

@@ -1,0 +1,538 @@
+//! The volume layer for volumes stored on this node (`simple` resiliency):
+//! maps volume byte ranges to slabs and slabs to extents, allocates extents
+//! on first write (thin provisioning), and turns unaligned client requests
+//! into block-aligned extent I/O by read-modify-write.
+//!
+//! Ownership: each volume has one coordinator task that owns the slab map
+//! and is the only code that changes it (allocation, resize, delete). It
+//! publishes an immutable snapshot ([`VolumeState`]) after each change;
+//! the I/O paths read the snapshot and ask the coordinator, through a
+//! bounded channel, only when a slab needs an extent.
+//!
+//! Invariants:
+//! - An extent is released only while no I/O of the volume is in flight:
+//!   I/O holds the read side of `gate`, shrink and delete hold the write
+//!   side while the coordinator releases extents.
+//! - Two read-modify-writes of the same 4 KiB block never interleave (the
+//!   striped `rmw` locks), so unaligned writes to different bytes of one
+//!   block both land.
+//! - `flush` syncs every disk the volume ever wrote to, so a flush on one
+//!   connection covers writes acknowledged on all connections.
+
+use arc_swap::ArcSwap;
+use block_api::{AlignedBuf, BLOCK_SIZE, BlockError, BlockRun, BlockVolume};
+use extent_store::{CsumEntry, ExtentAddr, ExtentOwner, Store, StoreError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{RwLock, mpsc, oneshot};
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// Stripes of the read-modify-write lock table.
+const RMW_STRIPES: usize = 64;
+/// Requests waiting for a volume's coordinator at most.
+const COORD_QUEUE: usize = 64;
+/// Blocks `block_status` inspects per call at most (the reply may cover less
+/// than asked, as the protocol allows).
+const STATUS_BLOCKS_MAX: u64 = 16 * 1024;
+/// Disks a node may have: the touched-disk set is one u64.
+pub const DISKS_MAX: usize = 64;
+
+/// What the I/O paths see of a volume: replaced whole on every change.
+#[derive(Debug, Clone)]
+pub struct VolumeState {
+    pub size: u64,
+    pub slabs: Vec<Option<ExtentAddr>>,
+    pub deleted: bool,
+}
+
+impl VolumeState {
+    pub fn allocated(&self) -> usize {
+        self.slabs.iter().filter(|s| s.is_some()).count()
+    }
+}
+
+enum CoordMsg {
+    Allocate {
+        slab: u64,
+        reply: oneshot::Sender<Result<ExtentAddr, BlockError>>,
+    },
+    Resize {
+        size: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Delete {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+pub struct Volume {
+    name: String,
+    extent_size: u64,
+    store: Arc<Store>,
+    state: Arc<ArcSwap<VolumeState>>,
+    gate: RwLock<()>,
+    coord: mpsc::Sender<CoordMsg>,
+    touched: AtomicU64,
+    rmw: Vec<tokio::sync::Mutex<()>>,
+}
+
+fn slab_count(size: u64, extent_size: u64) -> usize {
+    size.div_ceil(extent_size) as usize
+}
+
+fn store_err(e: StoreError) -> BlockError {
+    match e {
+        StoreError::Checksum { disk_offset, .. } => BlockError::Checksum { offset: disk_offset },
+        StoreError::Full { .. } => BlockError::Io(e.to_string()),
+        e => BlockError::Io(e.to_string()),
+    }
+}
+
+/// One piece of a request that falls into a single slab.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    slab: u64,
+    /// Offset inside the slab's extent.
+    off: u64,
+    len: u64,
+    /// Offset of the piece from the start of the request.
+    at: u64,
+}
+
+impl Volume {
+    /// Start a volume with its coordinator task; `extents` are the extents
+    /// the store holds for it (from the disks' extent tables).
+    pub fn start(
+        name: String,
+        id: u64,
+        size: u64,
+        store: Arc<Store>,
+        extents: Vec<(u64, ExtentAddr)>,
+    ) -> Arc<Volume> {
+        let extent_size = store.extent_size();
+        let mut slabs = vec![None; slab_count(size, extent_size)];
+        for (slab, addr) in extents {
+            if let Some(s) = slabs.get_mut(slab as usize) {
+                *s = Some(addr);
+            }
+        }
+        let touched = slabs.iter().flatten().fold(0u64, |m, a| m | 1 << a.disk);
+        let state = Arc::new(ArcSwap::from_pointee(VolumeState {
+            size,
+            slabs,
+            deleted: false,
+        }));
+        let (tx, rx) = mpsc::channel(COORD_QUEUE);
+        tokio::spawn(coordinator(id, name.clone(), store.clone(), state.clone(), rx));
+        Arc::new(Volume {
+            name,
+            extent_size,
+            store,
+            state,
+            gate: RwLock::new(()),
+            coord: tx,
+            touched: AtomicU64::new(touched),
+            rmw: (0..RMW_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn state(&self) -> Arc<VolumeState> {
+        self.state.load_full()
+    }
+
+    async fn ask<T>(&self, msg: impl FnOnce(oneshot::Sender<T>) -> CoordMsg) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.coord.send(msg(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Change the size. Shrinking releases the extents past the new end and
+    /// trims the blocks past it in the last slab, after in-flight I/O ends.
+    pub async fn resize(&self, size: u64) -> Result<(), StoreError> {
+        let _drain = self.gate.write().await;
+        self.ask(|reply| CoordMsg::Resize { size, reply })
+            .await
+            .unwrap_or_else(|| Err(StoreError::Config(format!("volume {} is shut down", self.name))))
+    }
+
+    /// Release every extent; the volume answers every later request with
+    /// an error.
+    pub async fn delete(&self) -> Result<(), StoreError> {
+        let _drain = self.gate.write().await;
+        self.ask(|reply| CoordMsg::Delete { reply })
+            .await
+            .unwrap_or_else(|| Err(StoreError::Config(format!("volume {} is shut down", self.name))))
+    }
+
+    fn check(&self, st: &VolumeState, offset: u64, len: u64) -> Result<(), BlockError> {
+        if st.deleted {
+            return Err(BlockError::Gone(self.name.clone()));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= st.size => Ok(()),
+            _ => Err(BlockError::OutOfRange {
+                offset,
+                len,
+                size: st.size,
+            }),
+        }
+    }
+
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let slab = pos / self.extent_size;
+            let off = pos % self.extent_size;
+            let n = (self.extent_size - off).min(end - pos);
+            out.push(Piece {
+                slab,
+                off,
+                len: n,
+                at: pos - offset,
+            });
+            pos += n;
+        }
+        out
+    }
+
+    async fn extent_for_write(&self, st: &VolumeState, slab: u64) -> Result<ExtentAddr, BlockError> {
+        if let Some(Some(a)) = st.slabs.get(slab as usize) {
+            return Ok(*a);
+        }
+        self.ask(|reply| CoordMsg::Allocate { slab, reply })
+            .await
+            .unwrap_or_else(|| Err(BlockError::Gone(self.name.clone())))
+    }
+
+    fn touch(&self, addr: ExtentAddr) {
+        self.touched.fetch_or(1 << addr.disk, Ordering::Relaxed);
+    }
+
+    fn touched_disks(&self) -> impl Iterator<Item = u16> {
+        let m = self.touched.load(Ordering::Acquire);
+        (0..64u16).filter(move |d| m & (1 << d) != 0)
+    }
+
+    async fn sync(&self) -> Result<(), BlockError> {
+        self.store.sync_disks(self.touched_disks()).await.map_err(store_err)
+    }
+
+    /// Read a block-aligned range.
+    async fn read_aligned(&self, st: &VolumeState, offset: u64, len: u64) -> Result<AlignedBuf, BlockError> {
+        let pieces = self.pieces(offset, len);
+        if let [p] = pieces[..] {
+            return match st.slabs[p.slab as usize] {
+                Some(a) => self.store.read(a, p.off, p.len).await.map_err(store_err),
+                None => Ok(AlignedBuf::zeroed(len as usize)),
+            };
+        }
+        let reads = pieces.iter().map(|p| async move {
+            match st.slabs[p.slab as usize] {
+                Some(a) => self.store.read(a, p.off, p.len).await.map(Some),
+                None => Ok(None),
+            }
+        });
+        let results = futures::future::join_all(reads).await;
+        let mut out = AlignedBuf::zeroed(len as usize);
+        for (p, r) in pieces.iter().zip(results) {
+            if let Some(buf) = r.map_err(store_err)? {
+                out[p.at as usize..(p.at + p.len) as usize].copy_from_slice(&buf);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write a block-aligned buffer.
+    async fn write_aligned(&self, st: &VolumeState, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
+        let pieces = self.pieces(offset, data.len() as u64);
+        if let [p] = pieces[..] {
+            let a = self.extent_for_write(st, p.slab).await?;
+            self.touch(a);
+            self.store.write(a, p.off, data, false).await.map_err(store_err)?;
+        } else {
+            let writes = pieces.iter().map(|p| {
+                let buf = AlignedBuf::from_slice(&data[p.at as usize..(p.at + p.len) as usize]);
+                async move {
+                    let a = self.extent_for_write(st, p.slab).await?;
+                    self.touch(a);
+                    self.store.write(a, p.off, buf, false).await.map_err(store_err)
+                }
+            });
+            for r in futures::future::join_all(writes).await {
+                r?;
+            }
+        }
+        if fua { self.sync().await } else { Ok(()) }
+    }
+
+    /// Write at any offset: partial blocks at the edges are merged with the
+    /// current contents under the block's RMW lock.
+    async fn write_any(&self, st: &VolumeState, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
+        let end = offset + data.len() as u64;
+        let a0 = offset / BS * BS;
+        let a1 = end.div_ceil(BS) * BS;
+        let head = offset % BS != 0;
+        let tail = end % BS != 0;
+        let mut stripes = vec![];
+        if head {
+            stripes.push((a0 / BS) as usize % RMW_STRIPES);
+        }
+        if tail {
+            stripes.push(((a1 - BS) / BS) as usize % RMW_STRIPES);
+        }
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(2);
+        for s in stripes {
+            guards.push(self.rmw[s].lock().await);
+        }
+        let mut buf = AlignedBuf::zeroed((a1 - a0) as usize);
+        if head {
+            let b = self.read_aligned(st, a0, BS).await?;
+            buf[..BLOCK_SIZE].copy_from_slice(&b);
+        }
+        if tail && (a1 - BS > a0 || !head) {
+            let b = self.read_aligned(st, a1 - BS, BS).await?;
+            let n = buf.len();
+            buf[n - BLOCK_SIZE..].copy_from_slice(&b);
+        }
+        let at = (offset - a0) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.write_aligned(st, a0, buf, fua).await
+    }
+
+    /// Make `[offset, offset+len)` read as zeros: whole blocks change state
+    /// (hole or allocated-zero), partial edge blocks are zeroed in place.
+    async fn zero_range(&self, st: &VolumeState, offset: u64, len: u64, state: CsumEntry, fua: bool) -> Result<(), BlockError> {
+        let end = offset + len;
+        let w0 = offset.div_ceil(BS) * BS;
+        let w1 = end / BS * BS;
+        if w0 >= w1 {
+            // No whole block: zero the bytes in place.
+            return self.write_any(st, offset, &vec![0u8; len as usize], fua).await;
+        }
+        if offset < w0 {
+            self.write_any(st, offset, &vec![0u8; (w0 - offset) as usize], false).await?;
+        }
+        if w1 < end {
+            self.write_any(st, w1, &vec![0u8; (end - w1) as usize], false).await?;
+        }
+        for p in self.pieces(w0, w1 - w0) {
+            let addr = match (st.slabs[p.slab as usize], state) {
+                (Some(a), _) => a,
+                // A hole in an unallocated slab is already there.
+                (None, CsumEntry::Hole) => continue,
+                (None, _) => self.extent_for_write(st, p.slab).await?,
+            };
+            self.touch(addr);
+            self.store.set_blocks(addr, p.off, p.len, state);
+        }
+        if fua { self.sync().await } else { Ok(()) }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockVolume for Volume {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn size(&self) -> u64 {
+        self.state.load().size
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, BlockError> {
+        let _io = self.gate.read().await;
+        let st = self.state.load_full();
+        self.check(&st, offset, len as u64)?;
+        if len == 0 {
+            return Ok(AlignedBuf::zeroed(0));
+        }
+        let end = offset + len as u64;
+        if offset % BS == 0 && end % BS == 0 {
+            return self.read_aligned(&st, offset, len as u64).await;
+        }
+        let a0 = offset / BS * BS;
+        let a1 = end.div_ceil(BS) * BS;
+        let b = self.read_aligned(&st, a0, a1 - a0).await?;
+        let at = (offset - a0) as usize;
+        Ok(AlignedBuf::from_slice(&b[at..at + len]))
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
+        let _io = self.gate.read().await;
+        let st = self.state.load_full();
+        self.check(&st, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return if fua { self.sync().await } else { Ok(()) };
+        }
+        if offset % BS == 0 && data.len() % BLOCK_SIZE == 0 {
+            self.write_aligned(&st, offset, data, fua).await
+        } else {
+            self.write_any(&st, offset, &data, fua).await
+        }
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        let _io = self.gate.read().await;
+        if self.state.load().deleted {
+            return Err(BlockError::Gone(self.name.clone()));
+        }
+        self.sync().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let _io = self.gate.read().await;
+        let st = self.state.load_full();
+        self.check(&st, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.zero_range(&st, offset, len, CsumEntry::Hole, false).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<(), BlockError> {
+        let _io = self.gate.read().await;
+        let st = self.state.load_full();
+        self.check(&st, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let state = if may_unmap { CsumEntry::Hole } else { CsumEntry::Zero };
+        self.zero_range(&st, offset, len, state, fua).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockRun>, BlockError> {
+        let _io = self.gate.read().await;
+        let st = self.state.load_full();
+        self.check(&st, offset, len)?;
+        let mut runs: Vec<BlockRun> = Vec::new();
+        let mut push = |len: u64, hole: bool, zero: bool| match runs.last_mut() {
+            Some(r) if r.hole == hole && r.zero == zero => r.len += len,
+            _ => runs.push(BlockRun { len, hole, zero }),
+        };
+        let end = offset + len;
+        let mut pos = offset;
+        let mut inspected = 0u64;
+        while pos < end && inspected < STATUS_BLOCKS_MAX {
+            let slab = pos / self.extent_size;
+            let slab_end = ((slab + 1) * self.extent_size).min(end);
+            match st.slabs[slab as usize] {
+                None => {
+                    push(slab_end - pos, true, true);
+                    pos = slab_end;
+                }
+                Some(addr) => {
+                    let off = pos % self.extent_size;
+                    let blocks = ((slab_end - pos).div_ceil(BS) + 1).min(STATUS_BLOCKS_MAX - inspected);
+                    let n = (blocks * BS).min(self.extent_size - off / BS * BS);
+                    let states = self.store.block_states(addr, off / BS * BS, n);
+                    inspected += states.len() as u64;
+                    for (i, s) in states.iter().enumerate() {
+                        let b_start = (pos / BS * BS + i as u64 * BS).max(pos);
+                        let b_end = (pos / BS * BS + (i as u64 + 1) * BS).min(slab_end);
+                        if b_start >= b_end {
+                            break;
+                        }
+                        let (hole, zero) = match s {
+                            CsumEntry::Hole => (true, true),
+                            CsumEntry::Zero => (false, true),
+                            CsumEntry::Data(_) => (false, false),
+                        };
+                        push(b_end - b_start, hole, zero);
+                        pos = b_end;
+                    }
+                }
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// The coordinator task: the only writer of a volume's slab map.
+async fn coordinator(
+    id: u64,
+    name: String,
+    store: Arc<Store>,
+    state: Arc<ArcSwap<VolumeState>>,
+    mut rx: mpsc::Receiver<CoordMsg>,
+) {
+    let extent_size = store.extent_size();
+    let mut cur = (*state.load_full()).clone();
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            CoordMsg::Allocate { slab, reply } => {
+                let r = match cur.slabs.get(slab as usize) {
+                    _ if cur.deleted => Err(BlockError::Gone(name.clone())),
+                    None => Err(BlockError::OutOfRange {
+                        offset: slab * extent_size,
+                        len: 0,
+                        size: cur.size,
+                    }),
+                    Some(Some(a)) => Ok(*a),
+                    Some(None) => {
+                        let owner = ExtentOwner {
+                            volume_id: id,
+                            slab,
+                            shard: 0,
+                            epoch: 1,
+                        };
+                        match store.allocate(owner).await {
+                            Ok(a) => {
+                                cur.slabs[slab as usize] = Some(a);
+                                state.store(Arc::new(cur.clone()));
+                                Ok(a)
+                            }
+                            Err(StoreError::Full { .. }) => Err(BlockError::NoSpace { volume: name.clone() }),
+                            Err(e) => Err(store_err(e)),
+                        }
+                    }
+                };
+                let _ = reply.send(r);
+            }
+            CoordMsg::Resize { size, reply } => {
+                let r = resize(&store, &mut cur, size).await;
+                state.store(Arc::new(cur.clone()));
+                let _ = reply.send(r);
+            }
+            CoordMsg::Delete { reply } => {
+                cur.deleted = true;
+                state.store(Arc::new(cur.clone()));
+                let mut r = Ok(());
+                for a in cur.slabs.iter().flatten() {
+                    if let Err(e) = store.release(*a).await {
+                        tracing::error!(volume = %name, error = %e, "could not release an extent; it is released at the next start");
+                        r = Err(e);
+                    }
+                }
+                let _ = reply.send(r);
+                return;
+            }
+        }
+    }
+}
+
+async fn resize(store: &Store, cur: &mut VolumeState, size: u64) -> Result<(), StoreError> {
+    let extent_size = store.extent_size();
+    let n = slab_count(size, extent_size);
+    if size < cur.size {
+        // Blocks past the new end in the last kept slab must read as zeros
+        // if the volume grows again.
+        if size % extent_size != 0
+            && let Some(Some(a)) = cur.slabs.get(n - 1)
+        {
+            let off = size % extent_size;
+            store.set_blocks(*a, off, extent_size - off, CsumEntry::Hole);
+        }
+        cur.size = size;
+        for a in cur.slabs.drain(n..).flatten() {
+            store.release(a).await?;
+        }
+    } else {
+        cur.size = size;
+        cur.slabs.resize(n, None);
+    }
+    Ok(())
+}
