@@ -233,3 +233,42 @@ impl Drop for ActiveConnection<'_> {
         self.0.connection_closed();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// `storaged` spawns these futures on a multi-threaded runtime.
+    #[test]
+    fn server_futures_are_send() {
+        struct NoVolumes;
+        #[async_trait::async_trait]
+        impl VolumeProvider for NoVolumes {
+            async fn list(&self) -> Vec<block_api::VolumeSummary> {
+                Vec::new()
+            }
+            async fn open(
+                &self,
+                name: &str,
+            ) -> Result<Arc<dyn block_api::BlockVolume>, block_api::BlockError> {
+                Err(block_api::BlockError::NotFound(name.to_owned()))
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        let rt = rt.expect("runtime");
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let fut = serve(listener, Arc::new(NoVolumes), CancellationToken::new());
+            assert_send(&fut);
+            let server = NbdServer::new(Arc::new(NoVolumes), ServerConfig::default());
+            let server = server.expect("valid config");
+            let (a, b) = tokio::io::duplex(64);
+            let fut = server.handle_stream(a, b, CancellationToken::new());
+            assert_send(&fut);
+        });
+    }
+}

@@ -44,6 +44,8 @@ pub struct MemVolume {
     pub flushes: AtomicU64,
     pub fua_writes: AtomicU64,
     pub mutations: AtomicU64,
+    /// When set, every request fails with a checksum error (EIO).
+    pub fail: std::sync::atomic::AtomicBool,
 }
 
 impl MemVolume {
@@ -59,6 +61,7 @@ impl MemVolume {
             flushes: AtomicU64::new(0),
             fua_writes: AtomicU64::new(0),
             mutations: AtomicU64::new(0),
+            fail: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -75,11 +78,15 @@ impl MemVolume {
     pub fn contents(&self, offset: u64, len: usize) -> Vec<u8> {
         let blocks = self.blocks.lock().expect("volume lock");
         let mut out = vec![0u8; len];
-        for (i, byte) in out.iter_mut().enumerate() {
-            let at = offset + i as u64;
+        let mut done = 0usize;
+        while done < len {
+            let at = offset + done as u64;
+            let in_block = (at % BLOCK) as usize;
+            let n = (BLOCK as usize - in_block).min(len - done);
             if let Some(b) = blocks.get(&(at / BLOCK)) {
-                *byte = b[(at % BLOCK) as usize];
+                out[done..done + n].copy_from_slice(&b[in_block..in_block + n]);
             }
+            done += n;
         }
         out
     }
@@ -89,16 +96,25 @@ impl MemVolume {
     }
 
     pub fn is_allocated(&self, block: u64) -> bool {
-        self.blocks.lock().expect("volume lock").contains_key(&block)
+        self.blocks
+            .lock()
+            .expect("volume lock")
+            .contains_key(&block)
     }
 
     /// Store bytes directly (test setup).
     pub fn fill(&self, offset: u64, data: &[u8]) {
         let mut blocks = self.blocks.lock().expect("volume lock");
-        for (i, &byte) in data.iter().enumerate() {
-            let at = offset + i as u64;
-            let b = blocks.entry(at / BLOCK).or_insert_with(|| vec![0u8; BLOCK as usize].into());
-            b[(at % BLOCK) as usize] = byte;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let in_block = (at % BLOCK) as usize;
+            let n = (BLOCK as usize - in_block).min(data.len() - done);
+            let b = blocks
+                .entry(at / BLOCK)
+                .or_insert_with(|| vec![0u8; BLOCK as usize].into());
+            b[in_block..in_block + n].copy_from_slice(&data[done..done + n]);
+            done += n;
         }
     }
 
@@ -118,9 +134,16 @@ impl MemVolume {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.fail.load(SeqCst) {
+            return Err(BlockError::Checksum { offset });
+        }
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(BlockError::OutOfRange { offset, len, size: self.size }),
+            _ => Err(BlockError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 
@@ -185,6 +208,7 @@ impl BlockVolume for MemVolume {
 
     async fn flush(&self) -> Result<(), BlockError> {
         let _g = self.enter(u64::MAX).await;
+        self.check(0, 0)?;
         self.flushes.fetch_add(1, SeqCst);
         Ok(())
     }
@@ -251,7 +275,10 @@ impl VolumeProvider for MemProvider {
         let mut list: Vec<_> = self
             .volumes
             .iter()
-            .map(|v| VolumeSummary { name: v.name.clone(), size: v.size })
+            .map(|v| VolumeSummary {
+                name: v.name.clone(),
+                size: v.size,
+            })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
@@ -275,7 +302,9 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(volumes: Vec<Arc<MemVolume>>, config: ServerConfig) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let server = NbdServer::new(MemProvider::new(volumes), config).expect("valid config");
         let shutdown = CancellationToken::new();
@@ -284,7 +313,12 @@ impl TestServer {
             let shutdown = shutdown.clone();
             async move { server.serve(listener, shutdown).await }
         });
-        TestServer { addr, server, shutdown, task }
+        TestServer {
+            addr,
+            server,
+            shutdown,
+            task,
+        }
     }
 
     /// Cancel and wait for `serve` to return.
@@ -313,8 +347,17 @@ pub struct OptReply {
 /// One transmission reply: simple or a structured chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Simple { error: u32, cookie: u64, data: Vec<u8> },
-    Chunk { flags: u16, ty: u16, cookie: u64, payload: Vec<u8> },
+    Simple {
+        error: u32,
+        cookie: u64,
+        data: Vec<u8>,
+    },
+    Chunk {
+        flags: u16,
+        ty: u16,
+        cookie: u64,
+        payload: Vec<u8>,
+    },
 }
 
 impl Reply {
@@ -341,9 +384,14 @@ pub struct RawClient {
 impl RawClient {
     /// Connect and read the server greeting; returns the handshake flags.
     pub async fn connect(addr: SocketAddr) -> (RawClient, u16) {
-        let stream = TcpStream::connect(addr).await.expect("connect to test server");
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to test server");
         let (rd, wr) = stream.into_split();
-        let mut c = RawClient { rd: BufReader::new(rd), wr };
+        let mut c = RawClient {
+            rd: BufReader::new(rd),
+            wr,
+        };
         let magic = c.u64().await;
         assert_eq!(magic, NBDMAGIC, "greeting must start with NBDMAGIC");
         let opt = c.u64().await;
@@ -361,21 +409,30 @@ impl RawClient {
         meta: bool,
     ) -> (RawClient, Session) {
         let (mut c, _) = RawClient::connect(addr).await;
-        c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await;
+        c.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await;
         if structured {
             c.send_option(OPT_STRUCTURED_REPLY, &[]).await;
             let r = c.read_option_reply().await;
             assert_eq!(r.reply, REP_ACK, "structured replies refused: {r:?}");
         }
         if meta {
-            c.send_option(OPT_SET_META_CONTEXT, &meta_request(export, &[CONTEXT_BASE_ALLOCATION]))
-                .await;
+            c.send_option(
+                OPT_SET_META_CONTEXT,
+                &meta_request(export, &[CONTEXT_BASE_ALLOCATION]),
+            )
+            .await;
             let replies = c.read_option_replies().await;
-            assert_eq!(replies.len(), 2, "one context then ACK expected: {replies:?}");
+            assert_eq!(
+                replies.len(),
+                2,
+                "one context then ACK expected: {replies:?}"
+            );
             assert_eq!(replies[0].reply, REP_META_CONTEXT);
             assert_eq!(replies[1].reply, REP_ACK);
         }
-        c.send_option(OPT_GO, &info_request(export, &[INFO_BLOCK_SIZE])).await;
+        c.send_option(OPT_GO, &info_request(export, &[INFO_BLOCK_SIZE]))
+            .await;
         let replies = c.read_option_replies().await;
         let last = replies.last().expect("GO got no reply");
         assert_eq!(last.reply, REP_ACK, "GO {export:?} failed: {replies:?}");
@@ -407,7 +464,11 @@ impl RawClient {
         let reply = self.u32().await;
         let len = self.u32().await as usize;
         let data = self.bytes(len).await;
-        OptReply { option, reply, data }
+        OptReply {
+            option,
+            reply,
+            data,
+        }
     }
 
     /// Replies up to and including the final one (ACK or an error).
@@ -424,12 +485,19 @@ impl RawClient {
     }
 
     pub async fn request(&mut self, flags: u16, command: u16, cookie: u64, offset: u64, len: u32) {
-        let h = RequestHeader { flags, command, cookie, offset, len };
+        let h = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        };
         self.send(&h.encode()).await;
     }
 
     pub async fn write(&mut self, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
-        self.request(flags, CMD_WRITE, cookie, offset, data.len() as u32).await;
+        self.request(flags, CMD_WRITE, cookie, offset, data.len() as u32)
+            .await;
         self.send(data).await;
     }
 
@@ -443,7 +511,11 @@ impl RawClient {
                 let cookie = self.u64().await;
                 let n = if error == 0 { read_len(cookie) } else { 0 };
                 let data = self.bytes(n).await;
-                Reply::Simple { error, cookie, data }
+                Reply::Simple {
+                    error,
+                    cookie,
+                    data,
+                }
             }
             STRUCTURED_REPLY_MAGIC => {
                 let flags = self.u16().await;
@@ -451,7 +523,12 @@ impl RawClient {
                 let cookie = self.u64().await;
                 let len = self.u32().await as usize;
                 let payload = self.bytes(len).await;
-                Reply::Chunk { flags, ty, cookie, payload }
+                Reply::Chunk {
+                    flags,
+                    ty,
+                    cookie,
+                    payload,
+                }
             }
             other => panic!("bad reply magic {other:#x}"),
         }
@@ -533,7 +610,9 @@ pub fn assemble_read(chunks: &[Reply], offset: u64, len: usize) -> Result<Vec<u8
     let mut out = vec![0xEEu8; len];
     let mut covered = 0usize;
     for c in chunks {
-        let Reply::Chunk { ty, payload, .. } = c else { panic!("simple reply to a structured read") };
+        let Reply::Chunk { ty, payload, .. } = c else {
+            panic!("simple reply to a structured read")
+        };
         match *ty {
             REPLY_TYPE_NONE => {}
             REPLY_TYPE_OFFSET_DATA => {
@@ -571,5 +650,7 @@ pub fn reply_errno(r: &Reply) -> u32 {
 
 /// A recognisable pattern of `len` bytes.
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i % 251) as u8) | 1).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8) | 1)
+        .collect()
 }
