@@ -401,7 +401,7 @@ impl Haggle<'_> {
             return;
         }
         let data = std::mem::take(&mut self.data);
-        let Some((name, queries)) = parse_meta_request(&data) else {
+        let Some((name, queries)) = parse_meta_context_request(&data) else {
             self.error(
                 option,
                 REP_ERR_INVALID,
@@ -459,7 +459,7 @@ impl Haggle<'_> {
 }
 
 /// Export name and queries of a LIST/SET_META_CONTEXT request.
-fn parse_meta_request(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+fn parse_meta_context_request(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
     let mut c = Cursor::new(data);
     let name = c.string()?;
     let count = c.u32()? as usize;
@@ -539,21 +539,10 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
-    fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-        for q in queries {
-            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            d.extend_from_slice(q.as_bytes());
-        }
-        d
-    }
-
     #[test]
     fn meta_request_parses_name_and_queries() {
-        let d = meta_request("vol", &["base:allocation", "qemu:dirty-bitmap:x"]);
-        let (name, queries) = parse_meta_request(&d).expect("well-formed request");
+        let d = meta_context_request("vol", &["base:allocation", "qemu:dirty-bitmap:x"]);
+        let (name, queries) = parse_meta_context_request(&d).expect("well-formed request");
         assert_eq!(name, b"vol");
         assert_eq!(
             queries,
@@ -563,19 +552,25 @@ mod tests {
 
     #[test]
     fn meta_request_with_trailing_or_missing_bytes_is_rejected() {
-        let mut d = meta_request("vol", &["base:allocation"]);
+        let mut d = meta_context_request("vol", &["base:allocation"]);
         d.push(0);
-        assert!(parse_meta_request(&d).is_none(), "trailing byte accepted");
+        assert!(
+            parse_meta_context_request(&d).is_none(),
+            "trailing byte accepted"
+        );
         d.truncate(d.len() - 2);
-        assert!(parse_meta_request(&d).is_none(), "short query accepted");
+        assert!(
+            parse_meta_context_request(&d).is_none(),
+            "short query accepted"
+        );
     }
 
     #[test]
     fn meta_request_with_huge_query_count_is_rejected_without_allocating() {
-        let mut d = meta_request("vol", &[]);
+        let mut d = meta_context_request("vol", &[]);
         let n = d.len();
         d[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(parse_meta_request(&d).is_none());
+        assert!(parse_meta_context_request(&d).is_none());
     }
 
     #[test]

@@ -175,6 +175,32 @@ impl RequestHeader {
     }
 }
 
+/// Data of an `NBD_OPT_INFO` / `NBD_OPT_GO` request (the client side:
+/// used by tests and tools that speak to the server).
+pub fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(6 + name.len() + 2 * infos.len());
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for info in infos {
+        d.extend_from_slice(&info.to_be_bytes());
+    }
+    d
+}
+
+/// Data of an `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`
+/// request (the client side).
+pub fn meta_context_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
 /// A simple reply header: magic, error, cookie.
 pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     let mut b = [0u8; SIMPLE_REPLY_LEN];

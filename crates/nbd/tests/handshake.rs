@@ -28,6 +28,14 @@ async fn fixed_newstyle(srv: &TestServer) -> RawClient {
     c
 }
 
+/// Send GO for `export` and check it ends in ACK.
+async fn go_succeeds(c: &mut RawClient, export: &str) {
+    c.send_option(OPT_GO, &info_request(export, &[])).await;
+    let replies = c.read_option_replies().await;
+    let last = replies.last().map(|r| r.reply);
+    assert_eq!(last, Some(REP_ACK), "GO {export:?} failed: {replies:?}");
+}
+
 fn names_of(replies: &[OptReply]) -> Vec<String> {
     replies
         .iter()
@@ -150,24 +158,10 @@ async fn info_reports_size_flags_and_block_sizes_then_go_enters_transmission() {
     assert_eq!(&info(INFO_NAME)[2..], b"alpha", "canonical name");
 
     // INFO leaves the session in negotiation: GO still works.
-    c.send_option(OPT_GO, &info_request("alpha", &[])).await;
-    let replies = c.read_option_replies().await;
-    assert_eq!(
-        replies.last().map(|r| r.reply),
-        Some(REP_ACK),
-        "GO after INFO"
-    );
+    go_succeeds(&mut c, "alpha").await;
     c.request(0, CMD_READ, 1, 0, 512).await;
     let r = c.read_reply(|_| 512).await;
-    assert_eq!(
-        r,
-        Reply::Simple {
-            error: 0,
-            cookie: 1,
-            data: vec![0; 512]
-        },
-        "read after GO"
-    );
+    assert_eq!(r, Reply::ok(1, vec![0; 512]), "read after GO");
     srv.stop().await;
 }
 
@@ -189,11 +183,7 @@ async fn go_to_an_unknown_export_gets_err_unknown_and_the_session_goes_on() {
             "message names it"
         );
     }
-    c.send_option(OPT_GO, &info_request("vol", &[])).await;
-    assert_eq!(
-        c.read_option_replies().await.last().map(|r| r.reply),
-        Some(REP_ACK)
-    );
+    go_succeeds(&mut c, "vol").await;
     srv.stop().await;
 }
 
@@ -233,11 +223,7 @@ async fn malformed_go_data_is_invalid_and_the_session_goes_on() {
             "data {data:?}"
         );
     }
-    c.send_option(OPT_GO, &info_request("vol", &[])).await;
-    assert_eq!(
-        c.read_option_replies().await.last().map(|r| r.reply),
-        Some(REP_ACK)
-    );
+    go_succeeds(&mut c, "vol").await;
     srv.stop().await;
 }
 
@@ -267,14 +253,7 @@ async fn export_name_enters_transmission_with_or_without_zero_padding() {
         );
         c.request(0, CMD_READ, 8, 4096, 5).await;
         let r = c.read_reply(|_| 5).await;
-        assert_eq!(
-            r,
-            Reply::Simple {
-                error: 0,
-                cookie: 8,
-                data: b"hello".to_vec()
-            }
-        );
+        assert_eq!(r, Reply::ok(8, b"hello".to_vec()));
     }
     srv.stop().await;
 }
@@ -329,11 +308,7 @@ async fn oversized_option_data_gets_err_too_big_and_the_session_goes_on() {
     let mut c = fixed_newstyle(&srv).await;
     c.send_option(OPT_GO, &vec![0u8; 1 << 20]).await;
     assert_eq!(c.read_option_reply().await.reply, REP_ERR_TOO_BIG);
-    c.send_option(OPT_GO, &info_request("vol", &[])).await;
-    assert_eq!(
-        c.read_option_replies().await.last().map(|r| r.reply),
-        Some(REP_ACK)
-    );
+    go_succeeds(&mut c, "vol").await;
     srv.stop().await;
 }
 
@@ -342,8 +317,11 @@ async fn meta_contexts_need_structured_replies() {
     let srv = server().await;
     let mut c = fixed_newstyle(&srv).await;
     for option in [OPT_SET_META_CONTEXT, OPT_LIST_META_CONTEXT] {
-        c.send_option(option, &meta_request("vol", &[CONTEXT_BASE_ALLOCATION]))
-            .await;
+        c.send_option(
+            option,
+            &meta_context_request("vol", &[CONTEXT_BASE_ALLOCATION]),
+        )
+        .await;
         assert_eq!(
             c.read_option_reply().await.reply,
             REP_ERR_INVALID,
@@ -365,8 +343,11 @@ async fn list_meta_context_answers_wildcards_and_ignores_unknown_namespaces() {
         (vec!["base:allocation"], true),
         (vec!["qemu:dirty-bitmap:x", "base:nothing"], false),
     ] {
-        c.send_option(OPT_LIST_META_CONTEXT, &meta_request("vol", &queries))
-            .await;
+        c.send_option(
+            OPT_LIST_META_CONTEXT,
+            &meta_context_request("vol", &queries),
+        )
+        .await;
         let replies = c.read_option_replies().await;
         assert_eq!(
             replies.last().map(|r| r.reply),
@@ -385,7 +366,7 @@ async fn list_meta_context_answers_wildcards_and_ignores_unknown_namespaces() {
         };
         assert_eq!(contexts, want, "contexts listed for {queries:?}");
     }
-    c.send_option(OPT_LIST_META_CONTEXT, &meta_request("nope", &[]))
+    c.send_option(OPT_LIST_META_CONTEXT, &meta_context_request("nope", &[]))
         .await;
     assert_eq!(
         c.read_option_reply().await.reply,
@@ -405,7 +386,7 @@ async fn block_status_needs_a_context_selected_for_the_same_export() {
     assert_eq!(c.read_option_reply().await.reply, REP_ACK);
     c.send_option(
         OPT_SET_META_CONTEXT,
-        &meta_request("alpha", &[CONTEXT_BASE_ALLOCATION]),
+        &meta_context_request("alpha", &[CONTEXT_BASE_ALLOCATION]),
     )
     .await;
     let replies = c.read_option_replies().await;

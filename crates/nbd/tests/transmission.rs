@@ -64,14 +64,7 @@ async fn unaligned_write_then_read_round_trips_with_simple_replies() {
     let (mut c, _) = RawClient::open(srv.addr, "vol", false, false).await;
     let data = pattern(3, 5000);
     c.write(0, 1, 1000, &data).await;
-    assert_eq!(
-        c.read_reply(|_| 0).await,
-        Reply::Simple {
-            error: 0,
-            cookie: 1,
-            data: vec![]
-        }
-    );
+    assert_eq!(c.read_reply(|_| 0).await, Reply::ok(1, vec![]));
     assert_eq!(
         vol.contents(1000, 5000),
         data,
@@ -315,14 +308,7 @@ async fn requests_past_the_end_fail_and_change_nothing() {
     );
     // The write's payload was skipped: the stream is still in sync.
     c.request(0, CMD_READ, 3, SIZE - 4, 4).await;
-    assert_eq!(
-        c.read_reply(|_| 4).await,
-        Reply::Simple {
-            error: 0,
-            cookie: 3,
-            data: vec![0; 4]
-        }
-    );
+    assert_eq!(c.read_reply(|_| 4).await, Reply::ok(3, vec![0; 4]));
     srv.stop().await;
 }
 
@@ -454,14 +440,7 @@ async fn volume_errors_become_nbd_errors_and_the_session_goes_on() {
     );
     vol.fail.store(false, SeqCst);
     simple.request(0, CMD_READ, 4, 0, 8).await;
-    assert_eq!(
-        simple.read_reply(|_| 8).await,
-        Reply::Simple {
-            error: 0,
-            cookie: 4,
-            data: vec![0; 8]
-        }
-    );
+    assert_eq!(simple.read_reply(|_| 8).await, Reply::ok(4, vec![0; 8]));
     srv.stop().await;
 }
 
@@ -605,14 +584,7 @@ async fn disc_sends_the_replies_of_requests_in_flight_first() {
     })
     .await;
     vol.resume();
-    assert_eq!(
-        c.read_reply(|_| 0).await,
-        Reply::Simple {
-            error: 0,
-            cookie: 1,
-            data: vec![]
-        }
-    );
+    assert_eq!(c.read_reply(|_| 0).await, Reply::ok(1, vec![]));
     assert!(c.closed_by_server().await, "connection closed after DISC");
     assert_eq!(vol.contents(0, 10), b"last words");
     srv.stop().await;
@@ -639,14 +611,7 @@ async fn shutdown_finishes_requests_in_flight_then_serve_returns() {
         "still accepting"
     );
     vol.resume();
-    assert_eq!(
-        c.read_reply(|_| 0).await,
-        Reply::Simple {
-            error: 0,
-            cookie: 1,
-            data: vec![]
-        }
-    );
+    assert_eq!(c.read_reply(|_| 0).await, Reply::ok(1, vec![]));
     assert!(c.closed_by_server().await, "connection closed at shutdown");
     srv.stop().await;
     assert_eq!(vol.contents(0, 9), b"in flight");

@@ -361,6 +361,15 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// A successful simple reply.
+    pub fn ok(cookie: u64, data: Vec<u8>) -> Reply {
+        Reply::Simple {
+            error: 0,
+            cookie,
+            data,
+        }
+    }
+
     pub fn cookie(&self) -> u64 {
         match self {
             Reply::Simple { cookie, .. } | Reply::Chunk { cookie, .. } => *cookie,
@@ -419,7 +428,7 @@ impl RawClient {
         if meta {
             c.send_option(
                 OPT_SET_META_CONTEXT,
-                &meta_request(export, &[CONTEXT_BASE_ALLOCATION]),
+                &meta_context_request(export, &[CONTEXT_BASE_ALLOCATION]),
             )
             .await;
             let replies = c.read_option_replies().await;
@@ -485,14 +494,17 @@ impl RawClient {
     }
 
     pub async fn request(&mut self, flags: u16, command: u16, cookie: u64, offset: u64, len: u32) {
-        let h = RequestHeader {
-            flags,
-            command,
-            cookie,
-            offset,
-            len,
-        };
-        self.send(&h.encode()).await;
+        self.send(
+            &RequestHeader {
+                flags,
+                command,
+                cookie,
+                offset,
+                len,
+            }
+            .encode(),
+        )
+        .await;
     }
 
     pub async fn write(&mut self, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
@@ -580,29 +592,6 @@ impl RawClient {
     async fn u64(&mut self) -> u64 {
         u64::from_be_bytes(self.bytes(8).await.try_into().expect("8 bytes"))
     }
-}
-
-/// Data of an NBD_OPT_INFO / NBD_OPT_GO request.
-pub fn info_request(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        d.extend_from_slice(&i.to_be_bytes());
-    }
-    d
-}
-
-/// Data of an NBD_OPT_{LIST,SET}_META_CONTEXT request.
-pub fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
 }
 
 /// Reassemble a structured READ reply into bytes, or return its errno.
