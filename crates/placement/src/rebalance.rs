@@ -1,0 +1,567 @@
+//! Rebalance plans: the fewest extent moves that bring every disk's fill
+//! within a tolerance of the pool mean, and drain leaving hardware.
+//!
+//! Job: after a node or disk is added (it is empty) or drained (its node is
+//! retired, or the disk retired or failing), list moves that even out fill,
+//! each of which keeps the slab's redundancy.
+//!
+//! The target: with `U` extents to hold on the healthy disks of up nodes,
+//! whose capacity is `C`, a disk of capacity `c` should hold `c * U / C`
+//! (the mean fill); it is balanced when it holds between
+//! `ceil(c * U / C * (1 - t))` and `floor(c * U / C * (1 + t))` extents, `t`
+//! being [`RebalanceOptions::tolerance_bp`] (relative to the mean; the
+//! interval is widened to the integers around `c * U / C` when it holds none).
+//! Leaving disks should hold nothing. Disks on nodes that are down or in
+//! maintenance, and failed disks, are left alone.
+//!
+//! Optimised: the number of moves. Let `E` be the extents above the upper
+//! bounds (every extent on a leaving disk counts) and `F` the extents missing
+//! below the lower bounds. One move changes one disk by −1 and another by +1,
+//! so no plan can use fewer than `max(E, F)` moves
+//! ([`RebalancePlan::moves_lower_bound`]). The greedy takes each move from
+//! an over-full disk (leaving disks first, then the fullest) to an
+//! under-full one (the emptiest), so every move lowers `max(E, F)` by one:
+//! **when the plan ends balanced it has exactly the lower bound of moves,
+//! which is minimal.**
+//!
+//! Guarantees: a move never lowers the level at which its slab's extents are
+//! distinct (so never puts two on one node), never fills a disk above its
+//! upper bound or capacity, counting every earlier move of the plan, and
+//! reads from the extent it replaces, which stays until the new one is
+//! current: redundancy never drops during a move. Deterministic.
+//!
+//! Best effort: the domain rule can forbid every move out of an over-full
+//! disk (e.g. three nodes holding mirror-3: no extent may change node). Such
+//! a disk is given up on, the plan ends with [`RebalancePlan::balanced`]
+//! false, and the moves it does list are still each useful. Slabs with a lost
+//! extent are not moved at all (rebuild them first); they are listed in
+//! [`RebalancePlan::skipped`].
+
+use std::collections::BTreeMap;
+
+use crate::error::PlacementError;
+use crate::fill::Fill;
+use crate::select::distinct_level;
+use crate::slab::{Loc, Slab, SlabTable};
+use crate::topology::{CopyState, DomainLevel, ExtentLocation, NodeId, SlabId, Topology};
+use crate::traffic::{NodeTraffic, TrafficCounter};
+
+/// The default tolerance: every disk within 5 % of the mean fill.
+pub const REBALANCE_TOLERANCE_BP_DEFAULT: u32 = 500;
+
+/// How close to the mean a rebalance brings every disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebalanceOptions {
+    /// Allowed deviation from the mean fill, relative to it, in basis points
+    /// (500 = every disk's fill within ±5 % of the mean). At most 10,000.
+    pub tolerance_bp: u32,
+}
+
+impl Default for RebalanceOptions {
+    fn default() -> Self {
+        Self {
+            tolerance_bp: REBALANCE_TOLERANCE_BP_DEFAULT,
+        }
+    }
+}
+
+/// Move one extent: create shard `shard` of `slab` at `to` by copying it from
+/// `from`, make the new extent current, then remove `from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub slab: SlabId,
+    pub shard: u8,
+    pub from: ExtentLocation,
+    pub to: ExtentLocation,
+}
+
+/// The moves of a rebalance, in the order they were planned (running them in
+/// that order keeps every disk within capacity at every step).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RebalancePlan {
+    pub moves: Vec<Move>,
+    /// No plan reaching balance can have fewer moves than this.
+    pub moves_lower_bound: u64,
+    /// Every disk ends within the tolerance and leaving disks end empty.
+    pub balanced: bool,
+    /// Slabs with a lost extent, left for the rebuild to repair first.
+    pub skipped: Vec<SlabId>,
+    /// Bytes each node reads and writes for the moves.
+    pub traffic: BTreeMap<NodeId, NodeTraffic>,
+}
+
+/// Plan the moves that bring every healthy disk within the tolerance of the
+/// mean fill and empty every leaving disk.
+pub fn plan_rebalance(
+    topology: &Topology,
+    slabs: &[Slab],
+    options: RebalanceOptions,
+) -> Result<RebalancePlan, PlacementError> {
+    if options.tolerance_bp > 10_000 {
+        return Err(PlacementError::InvalidTolerance {
+            tolerance_bp: options.tolerance_bp,
+        });
+    }
+    let table = SlabTable::resolve(topology, slabs)?;
+    let mut balancer = Balancer::new(topology, table, slabs, options.tolerance_bp);
+    let moves_lower_bound = balancer.excess_total.max(balancer.deficit_total);
+    // Every round either moves (lowering E or F by one) or gives up on a
+    // disk, so this bound is never reached; it keeps the loop finite.
+    let rounds_max =
+        balancer.excess_total + balancer.deficit_total + balancer.slots.len() as u64 + 1;
+    for _ in 0..rounds_max {
+        if !balancer.step() {
+            break;
+        }
+    }
+    let balanced = balancer.excess_total == 0 && balancer.deficit_total == 0;
+    let Balancer {
+        moves,
+        skipped,
+        traffic,
+        ..
+    } = balancer;
+    Ok(RebalancePlan {
+        moves,
+        moves_lower_bound,
+        balanced,
+        skipped,
+        traffic: traffic.into_map(topology),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Healthy disk on an up node: holds its share.
+    Target,
+    /// Readable but leaving: holds nothing.
+    Leaving,
+    /// Unavailable now: neither gives nor takes.
+    Fixed,
+}
+
+struct Slot {
+    node: usize,
+    disk: usize,
+    role: Role,
+    capacity: u64,
+    /// Extents on the disk: all used ones for a target, the movable ones for
+    /// a leaving disk.
+    count: u64,
+    low: u64,
+    high: u64,
+    /// Movable extents here: (slab index, shard).
+    residents: Vec<(u32, u8)>,
+    /// No move out of this disk is possible: given up.
+    stuck: bool,
+}
+
+impl Slot {
+    fn excess(&self) -> u64 {
+        match self.role {
+            Role::Leaving => self.count,
+            Role::Target => self.count.saturating_sub(self.high),
+            Role::Fixed => 0,
+        }
+    }
+
+    fn deficit(&self) -> u64 {
+        match self.role {
+            Role::Target => self.low.saturating_sub(self.count),
+            Role::Leaving | Role::Fixed => 0,
+        }
+    }
+}
+
+struct Balancer<'a> {
+    topology: &'a Topology,
+    slabs: &'a [Slab],
+    table: SlabTable,
+    slots: Vec<Slot>,
+    excess_total: u64,
+    deficit_total: u64,
+    moves: Vec<Move>,
+    skipped: Vec<SlabId>,
+    traffic: TrafficCounter,
+}
+
+/// The balanced interval of a disk of `capacity` when `used` of `total`
+/// capacity is in use and the tolerance is `tolerance_bp` of the mean.
+fn bounds(capacity: u64, used: u64, total: u64, tolerance_bp: u32) -> (u64, u64) {
+    let share = capacity as u128 * used as u128;
+    let total = (total as u128).max(1);
+    let scale = 10_000u128;
+    let t = tolerance_bp as u128;
+    let mut low = (share * (scale - t)).div_ceil(total * scale);
+    let mut high = share * (scale + t) / (total * scale);
+    if low > high {
+        low = share / total;
+        high = share.div_ceil(total);
+    }
+    let cap = capacity as u128;
+    (low.min(cap) as u64, high.min(cap) as u64)
+}
+
+impl<'a> Balancer<'a> {
+    fn new(topology: &'a Topology, table: SlabTable, slabs: &'a [Slab], tolerance_bp: u32) -> Self {
+        let mut slots = Vec::new();
+        let mut slot_of = Vec::with_capacity(topology.node_count());
+        for (ni, node) in topology.nodes().iter().enumerate() {
+            slot_of.push(slots.len());
+            for (di, disk) in node.disks().iter().enumerate() {
+                let role = if topology.is_target(ni, di) {
+                    Role::Target
+                } else if topology.copy_state(ni, di) == CopyState::Leaving {
+                    Role::Leaving
+                } else {
+                    Role::Fixed
+                };
+                slots.push(Slot {
+                    node: ni,
+                    disk: di,
+                    role,
+                    capacity: disk.capacity_extents(),
+                    count: if role == Role::Target {
+                        disk.used_extents()
+                    } else {
+                        0
+                    },
+                    low: 0,
+                    high: 0,
+                    residents: Vec::new(),
+                    stuck: false,
+                });
+            }
+        }
+        let mut skipped = Vec::new();
+        for (si, slab) in slabs.iter().enumerate() {
+            let locs = table.extents(si);
+            if locs
+                .iter()
+                .any(|l| topology.copy_state(l.node(), l.disk()) == CopyState::Lost)
+            {
+                skipped.push(slab.id);
+                continue;
+            }
+            for (shard, loc) in locs.iter().enumerate() {
+                let slot = &mut slots[slot_of[loc.node()] + loc.disk()];
+                match slot.role {
+                    Role::Target => slot.residents.push((si as u32, shard as u8)),
+                    Role::Leaving => {
+                        slot.residents.push((si as u32, shard as u8));
+                        slot.count += 1;
+                    }
+                    Role::Fixed => {}
+                }
+            }
+        }
+        let used: u64 = slots
+            .iter()
+            .filter(|s| s.role != Role::Fixed)
+            .map(|s| s.count)
+            .sum();
+        let capacity: u64 = slots
+            .iter()
+            .filter(|s| s.role == Role::Target)
+            .map(|s| s.capacity)
+            .sum();
+        for slot in slots.iter_mut().filter(|s| s.role == Role::Target) {
+            (slot.low, slot.high) = bounds(slot.capacity, used, capacity, tolerance_bp);
+        }
+        let excess_total = slots.iter().map(Slot::excess).sum();
+        let deficit_total = slots.iter().map(Slot::deficit).sum();
+        Self {
+            topology,
+            slabs,
+            table,
+            slots,
+            excess_total,
+            deficit_total,
+            moves: Vec::new(),
+            skipped,
+            traffic: TrafficCounter::default(),
+        }
+    }
+
+    /// Plan one move, or give up on one source disk. False when there is
+    /// nothing left to do or nothing more that can be done.
+    fn step(&mut self) -> bool {
+        if self.excess_total == 0 && self.deficit_total == 0 {
+            return false;
+        }
+        let Some(source) = self.best_source() else {
+            return false;
+        };
+        let Some(first_choice) = self.best_target() else {
+            return false;
+        };
+        let residents = &self.slots[source].residents;
+        let quick = (0..residents.len())
+            .rev()
+            .find(|&pos| self.may_move(residents[pos], first_choice))
+            .map(|pos| (pos, first_choice));
+        let found = quick.or_else(|| self.any_move_from(source));
+        match found {
+            Some((pos, target)) => self.apply(source, pos, target),
+            None => self.slots[source].stuck = true,
+        }
+        true
+    }
+
+    /// While some disk is over its upper bound (or leaving), the most
+    /// over-full of those, leaving disks first; otherwise the fullest disk
+    /// above its lower bound. If every over-full disk is stuck, the fullest
+    /// disk above its lower bound still feeds the under-full ones.
+    fn best_source(&self) -> Option<usize> {
+        let over = self.excess_total > 0;
+        let pick = |over: bool| {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.stuck && !s.residents.is_empty())
+                .filter(|(_, s)| {
+                    if over {
+                        s.excess() > 0
+                    } else {
+                        s.role == Role::Target && s.count > s.low
+                    }
+                })
+                .max_by(|(i, a), (j, b)| {
+                    let ka = (a.role == Role::Leaving, Fill::new(a.count, a.capacity));
+                    let kb = (b.role == Role::Leaving, Fill::new(b.count, b.capacity));
+                    // Ties go to the lower index, as everywhere else.
+                    ka.cmp(&kb).then(j.cmp(i))
+                })
+                .map(|(i, _)| i)
+        };
+        match pick(over) {
+            None if over && self.deficit_total > 0 => pick(false),
+            found => found,
+        }
+    }
+
+    /// Whether `slot` may receive an extent now.
+    fn takes(&self, slot: &Slot) -> bool {
+        let under = self.deficit_total > 0;
+        slot.role == Role::Target
+            && slot.count < slot.capacity
+            && if under {
+                slot.count < slot.low
+            } else {
+                slot.count < slot.high
+            }
+    }
+
+    fn target_key(slot: &Slot) -> Fill {
+        Fill::after_one_more(slot.count, slot.capacity)
+    }
+
+    /// The emptiest disk that may receive an extent now.
+    fn best_target(&self) -> Option<usize> {
+        let mut best: Option<(Fill, usize)> = None;
+        for (i, slot) in self.slots.iter().enumerate() {
+            if !self.takes(slot) {
+                continue;
+            }
+            let key = Self::target_key(slot);
+            if best.is_none_or(|(b, _)| key < b) {
+                best = Some((key, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// Any (resident position, target) pair out of `source`, trying targets
+    /// emptiest first.
+    fn any_move_from(&self, source: usize) -> Option<(usize, usize)> {
+        let mut targets: Vec<(Fill, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| self.takes(s))
+            .map(|(i, s)| (Self::target_key(s), i))
+            .collect();
+        targets.sort();
+        let residents = &self.slots[source].residents;
+        (0..residents.len()).rev().find_map(|pos| {
+            targets
+                .iter()
+                .find(|&&(_, t)| self.may_move(residents[pos], t))
+                .map(|&(_, t)| (pos, t))
+        })
+    }
+
+    /// Moving this shard to `target` keeps its slab distinct at the level it
+    /// is distinct at now.
+    fn may_move(&self, (slab, shard): (u32, u8), target: usize) -> bool {
+        let locs = self.table.extents(slab as usize);
+        let nodes = self.topology.nodes();
+        let level = distinct_level(self.topology, locs.iter().map(|l| l.node()))
+            .unwrap_or(DomainLevel::Node);
+        let domain = nodes[self.slots[target].node].domain(level);
+        locs.iter()
+            .enumerate()
+            .all(|(i, l)| i == shard as usize || nodes[l.node()].domain(level) != domain)
+    }
+
+    fn apply(&mut self, source: usize, pos: usize, target: usize) {
+        for i in [source, target] {
+            self.excess_total -= self.slots[i].excess();
+            self.deficit_total -= self.slots[i].deficit();
+        }
+        let (slab, shard) = self.slots[source].residents.swap_remove(pos);
+        self.slots[source].count -= 1;
+        self.slots[target].count += 1;
+        self.slots[target].residents.push((slab, shard));
+        for i in [source, target] {
+            self.excess_total += self.slots[i].excess();
+            self.deficit_total += self.slots[i].deficit();
+        }
+        let (from, to) = (&self.slots[source], &self.slots[target]);
+        self.table.set(
+            slab as usize,
+            shard as usize,
+            Loc {
+                node: to.node as u8,
+                disk: to.disk as u16,
+            },
+        );
+        self.traffic.read(from.node);
+        self.traffic.write(to.node);
+        self.moves.push(Move {
+            slab: self.slabs[slab as usize].id,
+            shard,
+            from: self.topology.location(from.node, from.disk),
+            to: self.topology.location(to.node, to.disk),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocate::allocate_slab;
+    use crate::resiliency::Resiliency;
+    use crate::topology::{DiskId, DiskSpec, FaultDomain, NodeState};
+
+    fn add_node(t: &mut Topology, n: u32, disks: u32, capacity: u64) {
+        let id = NodeId(n);
+        t.add_node(
+            id,
+            FaultDomain::parse(&format!("n{n}")).expect("p"),
+            NodeState::Up,
+        )
+        .expect("node");
+        for d in 0..disks {
+            t.add_disk(id, DiskSpec::empty(DiskId((n * 100 + d) as u128), capacity))
+                .expect("disk");
+        }
+    }
+
+    fn filled(nodes: u32, r: Resiliency, count: u64) -> (Topology, Vec<Slab>) {
+        let mut t = Topology::new(1 << 20).expect("topology");
+        for n in 0..nodes {
+            add_node(&mut t, n, 2, 100);
+        }
+        let slabs = (0..count)
+            .map(|i| {
+                let layout = allocate_slab(&t, r, None).expect("fits");
+                t.commit(&layout.extents).expect("commit");
+                Slab {
+                    id: SlabId(i),
+                    resiliency: r,
+                    extents: layout.extents,
+                }
+            })
+            .collect();
+        (t, slabs)
+    }
+
+    #[test]
+    fn bounds_bracket_the_mean() {
+        // 1,000 of 4,000 used: mean 25 %; a 100-extent disk should hold 25.
+        assert_eq!(bounds(100, 1000, 4000, 0), (25, 25));
+        assert_eq!(bounds(100, 1000, 4000, 1000), (23, 27));
+        // 12.5 is not an integer: widened to 12..=13.
+        assert_eq!(bounds(50, 1000, 4000, 0), (12, 13));
+        assert_eq!(bounds(100, 0, 4000, 500), (0, 0));
+    }
+
+    #[test]
+    fn a_balanced_pool_needs_no_move() {
+        let (t, slabs) = filled(4, Resiliency::MIRROR_2, 200);
+        let plan = plan_rebalance(&t, &slabs, RebalanceOptions::default()).expect("plan");
+        assert!(plan.balanced);
+        assert!(plan.moves.is_empty());
+        assert_eq!(plan.moves_lower_bound, 0);
+    }
+
+    #[test]
+    fn a_new_node_gets_its_share_in_the_fewest_moves() {
+        let (mut t, slabs) = filled(4, Resiliency::MIRROR_2, 300);
+        add_node(&mut t, 4, 2, 100);
+        let plan = plan_rebalance(&t, &slabs, RebalanceOptions::default()).expect("plan");
+        assert!(plan.balanced);
+        assert_eq!(plan.moves.len() as u64, plan.moves_lower_bound);
+        // 600 extents over 1,000: 60 per new disk, at least 57 with 5 %.
+        assert_eq!(plan.moves.len(), 2 * 57);
+        assert!(plan.moves.iter().all(|m| m.to.node == NodeId(4)));
+        let again = plan_rebalance(&t, &slabs, RebalanceOptions::default()).expect("plan");
+        assert_eq!(plan, again, "deterministic");
+    }
+
+    #[test]
+    fn a_drained_node_ends_empty() {
+        let (mut t, slabs) = filled(5, Resiliency::MIRROR_3, 200);
+        t.set_node_state(NodeId(1), NodeState::Retired)
+            .expect("retire");
+        let plan = plan_rebalance(&t, &slabs, RebalanceOptions::default()).expect("plan");
+        assert!(plan.balanced);
+        let on_node_1 = slabs
+            .iter()
+            .flat_map(|s| &s.extents)
+            .filter(|e| e.node == NodeId(1))
+            .count();
+        let off = plan
+            .moves
+            .iter()
+            .filter(|m| m.from.node == NodeId(1))
+            .count();
+        assert_eq!(off, on_node_1);
+        assert!(plan.moves.iter().all(|m| m.to.node != NodeId(1)));
+    }
+
+    #[test]
+    fn mirror_3_on_3_nodes_cannot_change_node() {
+        let (mut t, slabs) = filled(3, Resiliency::MIRROR_3, 60);
+        add_node(&mut t, 3, 1, 100);
+        // A fourth node can take one copy of each slab: balance is reachable.
+        let plan = plan_rebalance(&t, &slabs, RebalanceOptions::default()).expect("plan");
+        assert!(plan.balanced);
+        // Without it, a new empty disk on node 0 only takes moves from node 0.
+        let (mut t, slabs) = filled(3, Resiliency::MIRROR_3, 60);
+        t.add_disk(NodeId(0), DiskSpec::empty(DiskId(999), 100))
+            .expect("disk");
+        let plan = plan_rebalance(&t, &slabs, RebalanceOptions::default()).expect("plan");
+        assert!(
+            plan.moves
+                .iter()
+                .all(|m| m.from.node == NodeId(0) && m.to.node == NodeId(0))
+        );
+        assert!(!plan.balanced, "nodes 1 and 2 stay fuller than the mean");
+    }
+
+    #[test]
+    fn tolerance_is_checked() {
+        let (t, slabs) = filled(3, Resiliency::MIRROR_2, 3);
+        let err = plan_rebalance(
+            &t,
+            &slabs,
+            RebalanceOptions {
+                tolerance_bp: 10_001,
+            },
+        )
+        .expect_err("too loose");
+        assert_eq!(err.code(), "S2D:Placement:InvalidTolerance");
+    }
+}

@@ -1,0 +1,202 @@
+//! The shared building blocks of every decision: sets of fault domains, the
+//! widest usable level, the greedy "lowest key on a fresh domain" pick, and
+//! the capacity bound for slabs that need distinct domains.
+//!
+//! Invariants: a pick never returns a node whose domain (at the level asked)
+//! is already in the taken set; ties are broken by node index, i.e. by
+//! [`NodeId`](crate::NodeId) order, so the same input gives the same pick.
+
+use crate::topology::{DomainLevel, NODES_MAX, Node, Topology};
+
+/// A set of domain indices at one level (bit `i` = domain `i`), or a set of
+/// node indices.
+pub(crate) type Mask = u32;
+
+pub(crate) fn bit(index: u8) -> Mask {
+    1 << index
+}
+
+/// The set of domains at `level` of the nodes in `nodes` (a node-index mask).
+pub(crate) fn domains_of(topology: &Topology, level: DomainLevel, nodes: Mask) -> Mask {
+    topology
+        .nodes()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| nodes & (1 << i) != 0)
+        .fold(0, |acc, (_, n)| acc | bit(n.domain(level)))
+}
+
+/// The widest level at which the nodes in `nodes` span at least `needed`
+/// distinct domains.
+pub(crate) fn widest_level(topology: &Topology, nodes: Mask, needed: usize) -> Option<DomainLevel> {
+    DomainLevel::ALL
+        .into_iter()
+        .find(|&level| domains_of(topology, level, nodes).count_ones() as usize >= needed)
+}
+
+/// The widest level at which the nodes `node_indices` are pairwise in
+/// distinct domains; `None` if two share a node.
+pub(crate) fn distinct_level(
+    topology: &Topology,
+    node_indices: impl Iterator<Item = usize> + Clone,
+) -> Option<DomainLevel> {
+    let nodes = topology.nodes();
+    DomainLevel::ALL.into_iter().find(|&level| {
+        let mut seen: Mask = 0;
+        node_indices.clone().all(|ni| {
+            let b = bit(nodes[ni].domain(level));
+            let fresh = seen & b == 0;
+            seen |= b;
+            fresh
+        })
+    })
+}
+
+/// The node with the smallest key among those whose domain at `level` is not
+/// in `taken` and whose key is `Some`. Ties go to the lower node index.
+pub(crate) fn pick_node<K: Ord>(
+    topology: &Topology,
+    level: DomainLevel,
+    taken: Mask,
+    mut key: impl FnMut(usize, &Node) -> Option<K>,
+) -> Option<usize> {
+    let mut best: Option<(K, usize)> = None;
+    for (i, node) in topology.nodes().iter().enumerate() {
+        if taken & bit(node.domain(level)) != 0 {
+            continue;
+        }
+        let Some(k) = key(i, node) else { continue };
+        if best.as_ref().is_none_or(|(b, _)| k < *b) {
+            best = Some((k, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// Pick `count` nodes on pairwise distinct domains at `level`, none in
+/// `taken`, each time the one with the smallest key. `None` if fewer than
+/// `count` such nodes have a key.
+pub(crate) fn pick_nodes<K: Ord>(
+    topology: &Topology,
+    level: DomainLevel,
+    mut taken: Mask,
+    count: usize,
+    mut key: impl FnMut(usize, &Node) -> Option<K>,
+) -> Option<Vec<usize>> {
+    let mut chosen = Vec::with_capacity(count);
+    for _ in 0..count {
+        let ni = pick_node(topology, level, taken, &mut key)?;
+        taken |= bit(topology.nodes()[ni].domain(level));
+        chosen.push(ni);
+    }
+    Some(chosen)
+}
+
+/// The most slabs of `width` extents, each on `width` distinct domains, that
+/// fit in domains with `free[d]` free extents: the largest `s` with
+/// `sum(min(free[d], s)) >= width * s`. Exact: a domain gives at most one
+/// extent per slab, and whenever the inequality holds a greedy that always
+/// serves the domains with the most free extents places `s` slabs.
+pub(crate) fn slabs_max(free: &[u64], width: usize) -> u64 {
+    let width = width.max(1) as u64;
+    let total: u64 = free.iter().sum();
+    let upper = total / width;
+    let fits = |s: u64| -> bool {
+        let supply: u128 = free.iter().map(|&f| f.min(s) as u128).sum();
+        supply >= width as u128 * s as u128
+    };
+    if free.iter().all(|&f| f <= upper) {
+        return upper;
+    }
+    // fits(0) holds and the set of s that fit is an interval [0, s*].
+    let (mut low, mut high) = (0, upper);
+    while low < high {
+        let mid = low + (high - low).div_ceil(2);
+        if fits(mid) {
+            low = mid;
+        } else {
+            high = mid - 1;
+        }
+    }
+    low
+}
+
+/// For the next slab of `width` extents over domains with `free[d]` free
+/// extents: the set of "tight" domains and how many of them the slab must use
+/// so that the pool can still hold [`slabs_max`] − 1 more slabs afterwards.
+///
+/// With `s = slabs_max`, a domain with `free >= s` loses one unit of
+/// `min(free, s)` whether it is used or not, a smaller one only when used; so
+/// the slab keeps the bound iff it uses at least `tight - slack` tight
+/// domains, where `slack = sum(min(free, s)) - width * s`. Usually that is 0
+/// and the choice is free; it bites when one domain is much larger than the
+/// others and the pool fills up.
+pub(crate) fn tight_domains(free: &[u64; NODES_MAX], width: usize) -> (usize, Mask) {
+    let s = slabs_max(free, width);
+    if s == 0 {
+        return (0, 0);
+    }
+    let mut tight: Mask = 0;
+    let mut supply: u128 = 0;
+    for (d, &f) in free.iter().enumerate() {
+        if f >= s {
+            tight |= bit(d as u8);
+        }
+        supply += f.min(s) as u128;
+    }
+    let slack = supply - width as u128 * s as u128;
+    let must = (tight.count_ones() as u128).saturating_sub(slack);
+    (must.min(width as u128) as usize, tight)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exhaustive check of `slabs_max` against a brute-force greedy that
+    /// always serves the domains with the most free extents.
+    #[test]
+    fn slabs_max_matches_greedy() {
+        fn greedy(free: &[u64], width: usize) -> u64 {
+            let mut f = free.to_vec();
+            let mut slabs = 0;
+            loop {
+                f.sort_unstable_by(|a, b| b.cmp(a));
+                if f.len() < width || f[width - 1] == 0 {
+                    return slabs;
+                }
+                for x in f.iter_mut().take(width) {
+                    *x -= 1;
+                }
+                slabs += 1;
+            }
+        }
+        for width in 1..=4 {
+            for a in 0..6u64 {
+                for b in 0..6u64 {
+                    for c in 0..9u64 {
+                        for d in 0..4u64 {
+                            let free = [a, b, c, d];
+                            assert_eq!(
+                                slabs_max(&free, width),
+                                greedy(&free, width),
+                                "{free:?} w{width}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tight_domains_bite_only_when_needed() {
+        let mut free = [0u64; NODES_MAX];
+        free[..4].copy_from_slice(&[10, 10, 10, 10]);
+        assert_eq!(tight_domains(&free, 3).0, 0);
+        // One domain as large as all the others: it must be in every slab.
+        free[..4].copy_from_slice(&[5, 2, 2, 0]);
+        let (must, tight) = tight_domains(&free, 2);
+        assert_eq!((must, tight), (1, 0b1));
+    }
+}
