@@ -80,7 +80,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            std::process::exit(0);
+        }
+        Err(e) => {
+            // One line, exit 1, like every other error.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("bad arguments");
+            eprintln!("s2dctl: {} (see s2dctl --help)", first.trim_start_matches("error: "));
+            std::process::exit(1);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

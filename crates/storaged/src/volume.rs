@@ -426,13 +426,13 @@ impl BlockVolume for Volume {
                 }
                 Some(addr) => {
                     let off = pos % self.extent_size;
-                    let blocks = ((slab_end - pos).div_ceil(BS) + 1).min(STATUS_BLOCKS_MAX - inspected);
-                    let n = (blocks * BS).min(self.extent_size - off / BS * BS);
-                    let states = self.store.block_states(addr, off / BS * BS, n);
+                    let base = pos / BS * BS;
+                    let blocks = ((slab_end - base).div_ceil(BS)).min(STATUS_BLOCKS_MAX - inspected);
+                    let states = self.store.block_states(addr, off / BS * BS, blocks * BS);
                     inspected += states.len() as u64;
                     for (i, s) in states.iter().enumerate() {
-                        let b_start = (pos / BS * BS + i as u64 * BS).max(pos);
-                        let b_end = (pos / BS * BS + (i as u64 + 1) * BS).min(slab_end);
+                        let b_start = (base + i as u64 * BS).max(pos);
+                        let b_end = (base + (i as u64 + 1) * BS).min(slab_end);
                         if b_start >= b_end {
                             break;
                         }

@@ -1,0 +1,255 @@
+//! Test harness: starts real `storaged` processes on 127.0.0.1 with disks
+//! as files on ext4 (/var/tmp), runs `s2dctl` and the real NBD clients
+//! against them, and speaks raw NBD where a test must control every byte.
+//!
+//! The binaries come from the same target directory as the test (build
+//! them first: `cargo build --bins`), or from `S2D_BIN_DIR`.
+
+pub mod nbd;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding storaged and s2dctl.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("S2D_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    assert!(
+        dir.join("storaged").exists() && dir.join("s2dctl").exists(),
+        "storaged/s2dctl not built in {}: run `cargo build --bins` first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Whether an external client program is installed. CI installs all of
+/// them; a missing one is reported loudly and the check is skipped.
+pub fn have(program: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        eprintln!("!!! {program} is not installed: this check is SKIPPED (CI installs it via .ci/run)");
+    }
+    found
+}
+
+/// Options of one storaged node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub disks: usize,
+    pub disk_size: &'static str,
+    pub extent_size: &'static str,
+    pub io_engine: &'static str,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            disks: 2,
+            disk_size: "256MiB",
+            extent_size: "4MiB",
+            io_engine: "auto",
+        }
+    }
+}
+
+/// One storaged process with its own data dir, disks and ports.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub grpc: SocketAddr,
+    pub nbd: SocketAddr,
+    pub opts: NodeOptions,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    pub fn start(opts: NodeOptions) -> Node {
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4 (/var/tmp)");
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let log = dir.path().join("storaged.log");
+        let mut n = Node {
+            dir,
+            grpc,
+            nbd,
+            opts,
+            child: None,
+            log,
+        };
+        n.restart();
+        n
+    }
+
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        (0..self.opts.disks).map(|i| self.dir.path().join(format!("disk{i}.img"))).collect()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The storaged command line of this node.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(bin_dir().join("storaged"));
+        c.arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.grpc.to_string())
+            .arg("--nbd-listen")
+            .arg(self.nbd.to_string())
+            .arg("--disk-size")
+            .arg(self.opts.disk_size)
+            .arg("--extent-size")
+            .arg(self.opts.extent_size)
+            .arg("--io-engine")
+            .arg(self.opts.io_engine);
+        for d in self.disk_paths() {
+            c.arg("--disk").arg(d);
+        }
+        c
+    }
+
+    /// (Re)start the process and wait until both ports accept.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = self
+            .command()
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn storaged");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("storaged exited during start ({st}); log:\n{}", self.log_text());
+            }
+            if TcpStream::connect(self.grpc).is_ok() && TcpStream::connect(self.nbd).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "storaged did not start in 30 s; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// kill -9, as a crash or power cut of the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("storaged did not stop within 30 s of SIGTERM; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Run s2dctl against this node.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin_dir().join("s2dctl"))
+            .arg("--endpoint")
+            .arg(self.grpc.to_string())
+            .args(args)
+            .output()
+            .expect("run s2dctl")
+    }
+
+    /// Run s2dctl and require success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "s2dctl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn create_volume(&self, name: &str, size: &str) {
+        self.ctl_ok(&["volume", "create", name, "--size", size]);
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{}", self.nbd, volume)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Run a program, returning its output (panics if it cannot start).
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Run a program and require success; returns stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let o = run(program, args);
+    assert!(
+        o.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// CRC32C, as the store computes it.
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
