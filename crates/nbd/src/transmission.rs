@@ -8,10 +8,11 @@
 //!
 //! Invariants:
 //! - A request is read past its header only after it took a request slot
-//!   and, for READ and WRITE, its payload bytes from the connection's
-//!   [`Limits`]; both return when its reply is in the socket buffer. So one
-//!   client holds at most `inflight_requests_max` requests and
-//!   `inflight_bytes_max` payload bytes of server memory, and the reply
+//!   and, for READ and WRITE, its payload bytes (for BLOCK_STATUS, its
+//!   largest reply) from the connection's [`Limits`]; both return when its
+//!   reply is in the socket buffer. So one client holds at most
+//!   `inflight_requests_max` requests and `inflight_bytes_max` payload and
+//!   reply bytes of server memory, and the reply
 //!   channel (as large as the request limit) never blocks a sender for long.
 //! - A request that fails validation reaches no volume; a WRITE's payload is
 //!   still consumed (without buffering it) so the stream stays in sync.
@@ -35,8 +36,13 @@ use crate::{NbdError, ServerConfig, ServerStats};
 
 /// Socket write buffer: room for a QD32 burst of 4 KiB read replies.
 const WRITE_BUFFER_BYTES: usize = 256 << 10;
-/// Block status descriptors sent at most in one reply (the spec's bound).
-const DESCRIPTORS_MAX: usize = 1 << 20;
+/// Block status descriptors sent at most in one reply (the spec allows 2^20).
+const DESCRIPTORS_MAX: usize = 1 << 19;
+/// Bytes of the export one BLOCK_STATUS asks the volume about at most (the
+/// spec lets a reply cover less than asked). With 4 KiB blocks the volume's
+/// answer and our reply stay within `DESCRIPTORS_MAX` runs.
+const BLOCK_STATUS_SPAN_MAX: u32 = 1 << 30;
+const _: () = assert!((BLOCK_STATUS_SPAN_MAX as usize / HOLE_GRANULE) + 2 <= DESCRIPTORS_MAX);
 /// Granularity at which structured reads report zero blocks as holes.
 const HOLE_GRANULE: usize = 4096;
 
@@ -201,6 +207,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let check = validate(ctx, &req);
         let payload_bytes = match (&check, req.command) {
             (Ok(()), CMD_READ | CMD_WRITE) => req.len,
+            (Ok(()), CMD_BLOCK_STATUS) => block_status_reply_bytes(req.len),
             _ => 0,
         };
         let admission = tokio::select! {
@@ -382,12 +389,16 @@ async fn execute(ctx: &Ctx, req: RequestHeader, payload: Option<AlignedBuf>) -> 
                 .await
                 .map(|()| Body::Ok)
         }
-        CMD_BLOCK_STATUS => volume
-            .block_status(offset, len)
-            .await
-            .map(|runs| Body::BlockStatus {
-                payload: encode_block_status(&runs, req.len, req.flags & CMD_FLAG_REQ_ONE != 0),
-            }),
+        CMD_BLOCK_STATUS => {
+            let span = req.len.min(BLOCK_STATUS_SPAN_MAX);
+            let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            volume
+                .block_status(offset, span.into())
+                .await
+                .map(|runs| Body::BlockStatus {
+                    payload: encode_block_status(&runs, span, req_one),
+                })
+        }
         // CACHE is a hint; the range was checked, there is nothing to do.
         CMD_CACHE => Ok(Body::Ok),
         other => Err(BlockError::Io(format!("command {other} reached execution"))),
@@ -407,6 +418,13 @@ async fn execute(ctx: &Ctx, req: RequestHeader, payload: Option<AlignedBuf>) -> 
             message: e.to_string(),
         }
     })
+}
+
+/// The reply memory a BLOCK_STATUS of `len` bytes is charged: one
+/// descriptor per 4 KiB block of the span it asks about, plus the edges.
+fn block_status_reply_bytes(len: u32) -> u32 {
+    let span = len.min(BLOCK_STATUS_SPAN_MAX) as usize;
+    (4 + 8 * (span / HOLE_GRANULE + 2)) as u32
 }
 
 /// Encode the `base:allocation` chunk for `runs`, covering at most `len`
@@ -659,6 +677,20 @@ mod tests {
         assert_eq!(descriptors(&p), vec![(512, 0)]);
         let p = encode_block_status(&[run(0, true, true)], 512, false);
         assert_eq!(descriptors(&p), vec![(512, 0)]);
+    }
+
+    #[test]
+    fn block_status_charges_are_bounded_and_fit_the_byte_limit() {
+        assert_eq!(block_status_reply_bytes(4096), 4 + 8 * 3);
+        let worst = block_status_reply_bytes(u32::MAX) as usize;
+        assert!(
+            worst <= 4 + 8 * DESCRIPTORS_MAX,
+            "charge {worst} above the reply bound"
+        );
+        assert!(
+            worst < crate::proto::PAYLOAD_MAX as usize,
+            "must fit every valid byte limit"
+        );
     }
 
     #[test]

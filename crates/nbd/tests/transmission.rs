@@ -212,6 +212,28 @@ async fn trim_punches_a_hole_that_block_status_reports() {
 }
 
 #[tokio::test]
+async fn block_status_of_a_huge_range_answers_a_bounded_prefix() {
+    let vol = MemVolume::new("big", 8 << 30);
+    let srv = TestServer::start(vec![Arc::clone(&vol)], Default::default()).await;
+    vol.fill(0, &[1; 4096]);
+    let (mut c, _) = RawClient::open(srv.addr, "big", true, true).await;
+    c.request(0, CMD_BLOCK_STATUS, 1, 0, u32::MAX).await;
+    let chunks = c.read_chunks().await;
+    let d = descriptors(&chunks[0]);
+    let covered: u64 = d.iter().map(|&(l, _)| u64::from(l)).sum();
+    assert_eq!(d[0], (4096, 0), "first block is data");
+    assert!(
+        covered <= 1 << 30,
+        "reply covers {covered} bytes, more than the 1 GiB bound"
+    );
+    assert!(
+        covered > 4096,
+        "reply must still cover the hole after the data"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn write_zeroes_honours_no_hole_and_fast_zero() {
     let (srv, vol) = one_volume(Default::default()).await;
     vol.fill(0, &pattern(7, 4 * 4096));
