@@ -2,7 +2,8 @@
 //!
 //! Invariant (checked by [`ServerConfig::validate`]): a connection can
 //! always admit one request of the largest payload, so
-//! `inflight_bytes_max >= PAYLOAD_MAX` and `inflight_requests_max >= 1`.
+//! `server_inflight_bytes_max >= inflight_bytes_max >= PAYLOAD_MAX` and
+//! `inflight_requests_max >= 1`.
 
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub struct ServerConfig {
     pub inflight_requests_max: usize,
     /// READ and WRITE payload bytes one connection may hold at once.
     pub inflight_bytes_max: usize,
+    /// The same, for all connections of the server together: bounds the
+    /// server's memory however many clients connect.
+    pub server_inflight_bytes_max: usize,
     /// Connections served at once; more are accepted and closed at once.
     pub connections_max: usize,
     /// After shutdown, how long connections get to finish in-flight
@@ -32,6 +36,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             inflight_requests_max: 256,
             inflight_bytes_max: 2 * PAYLOAD_MAX as usize,
+            server_inflight_bytes_max: 32 * PAYLOAD_MAX as usize,
             connections_max: 1024,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -47,7 +52,7 @@ impl ServerConfig {
         }
         // Semaphore permits are u32 in tokio's acquire_many.
         if self.inflight_requests_max > u32::MAX as usize
-            || self.inflight_bytes_max > u32::MAX as usize
+            || self.server_inflight_bytes_max > u32::MAX as usize
         {
             return Err(NbdError::Config(
                 "in-flight limits must fit in 32 bits".into(),
@@ -57,6 +62,12 @@ impl ServerConfig {
             return Err(NbdError::Config(format!(
                 "inflight_bytes_max {} is below the largest payload {PAYLOAD_MAX}",
                 self.inflight_bytes_max
+            )));
+        }
+        if self.server_inflight_bytes_max < self.inflight_bytes_max {
+            return Err(NbdError::Config(format!(
+                "server_inflight_bytes_max {} is below inflight_bytes_max {}",
+                self.server_inflight_bytes_max, self.inflight_bytes_max
             )));
         }
         if self.connections_max == 0 {

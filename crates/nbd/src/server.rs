@@ -41,6 +41,8 @@ struct Inner {
     provider: Arc<dyn VolumeProvider>,
     config: ServerConfig,
     stats: Arc<ServerStats>,
+    /// Payload bytes in flight over all connections.
+    inflight_bytes: Arc<Semaphore>,
 }
 
 /// Serve `provider`'s volumes on `listener` with the default configuration
@@ -59,12 +61,15 @@ impl NbdServer {
     pub fn new(provider: Arc<dyn VolumeProvider>, config: ServerConfig) -> Result<Self, NbdError> {
         config.validate()?;
         let stats = Arc::new(ServerStats::default());
+        let inflight_bytes = Arc::new(Semaphore::new(config.server_inflight_bytes_max));
+        let inner = Inner {
+            provider,
+            config,
+            stats,
+            inflight_bytes,
+        };
         Ok(NbdServer {
-            inner: Arc::new(Inner {
-                provider,
-                config,
-                stats,
-            }),
+            inner: Arc::new(inner),
         })
     }
 
@@ -203,6 +208,7 @@ impl NbdServer {
             writer,
             negotiated,
             &inner.config,
+            &inner.inflight_bytes,
             &shutdown,
             &inner.stats,
         )

@@ -12,7 +12,8 @@
 //!   largest reply) from the connection's [`Limits`]; both return when its
 //!   reply is in the socket buffer. So one client holds at most
 //!   `inflight_requests_max` requests and `inflight_bytes_max` payload and
-//!   reply bytes of server memory, and the reply
+//!   reply bytes of server memory (all clients together at most
+//!   `server_inflight_bytes_max`), and the reply
 //!   channel (as large as the request limit) never blocks a sender for long.
 //! - A request that fails validation reaches no volume; a WRITE's payload is
 //!   still consumed (without buffering it) so the stream stays in sync.
@@ -46,10 +47,11 @@ const _: () = assert!((BLOCK_STATUS_SPAN_MAX as usize / HOLE_GRANULE) + 2 <= DES
 /// Granularity at which structured reads report zero blocks as holes.
 const HOLE_GRANULE: usize = 4096;
 
-/// Per-connection admission limits.
+/// Admission limits: per connection, and the server-wide byte limit.
 struct Limits {
     requests: Semaphore,
     bytes: Semaphore,
+    server_bytes: Arc<Semaphore>,
 }
 
 /// One admitted request's share of the limits, returned on drop.
@@ -63,15 +65,17 @@ impl Drop for Admission {
         self.limits.requests.add_permits(1);
         if self.bytes > 0 {
             self.limits.bytes.add_permits(self.bytes as usize);
+            self.limits.server_bytes.add_permits(self.bytes as usize);
         }
     }
 }
 
 impl Limits {
-    fn new(cfg: &ServerConfig) -> Arc<Self> {
+    fn new(cfg: &ServerConfig, server_bytes: &Arc<Semaphore>) -> Arc<Self> {
         Arc::new(Limits {
             requests: Semaphore::new(cfg.inflight_requests_max),
             bytes: Semaphore::new(cfg.inflight_bytes_max),
+            server_bytes: Arc::clone(server_bytes),
         })
     }
 
@@ -80,7 +84,11 @@ impl Limits {
     async fn admit(self: &Arc<Self>, bytes: u32) -> Option<Admission> {
         let slot = self.requests.acquire().await.ok()?;
         if bytes > 0 {
-            self.bytes.acquire_many(bytes).await.ok()?.forget();
+            // Per connection first: a client over its own limit never
+            // queues on the server-wide one.
+            let own = self.bytes.acquire_many(bytes).await.ok()?;
+            self.server_bytes.acquire_many(bytes).await.ok()?.forget();
+            own.forget();
         }
         slot.forget();
         Some(Admission {
@@ -140,6 +148,7 @@ pub(crate) async fn run<R, W>(
     wr: W,
     negotiated: Negotiated,
     cfg: &ServerConfig,
+    server_bytes: &Arc<Semaphore>,
     shutdown: &CancellationToken,
     stats: &Arc<ServerStats>,
 ) -> Result<(), NbdError>
@@ -161,7 +170,7 @@ where
         base_allocation: negotiated.base_allocation,
         stats: Arc::clone(stats),
     });
-    let read_result = read_requests(rd, &ctx, &Limits::new(cfg), &tx, &stop).await;
+    let read_result = read_requests(rd, &ctx, &Limits::new(cfg, server_bytes), &tx, &stop).await;
     if matches!(read_result, Err(NbdError::BadMagic { .. })) {
         stats.protocol_error();
     }

@@ -595,6 +595,62 @@ async fn payload_bytes_in_flight_are_bounded_per_connection() {
 }
 
 #[tokio::test]
+async fn payload_bytes_in_flight_are_bounded_across_connections() {
+    let cfg = ServerConfig {
+        inflight_bytes_max: PAYLOAD_MAX as usize,
+        server_inflight_bytes_max: PAYLOAD_MAX as usize,
+        ..Default::default()
+    };
+    let vol = MemVolume::new("vol", 64 << 20);
+    let srv = TestServer::start(vec![Arc::clone(&vol)], cfg).await;
+    let (a, _) = RawClient::open(srv.addr, "vol", false, false).await;
+    let (mut b, _) = RawClient::open(srv.addr, "vol", false, false).await;
+    vol.pause(Pause::At(0));
+    // Connection a fills the server-wide limit with a paused 32 MiB write.
+    let RawClient { rd, mut wr } = a;
+    let sender = tokio::spawn(async move {
+        let big = vec![1u8; PAYLOAD_MAX as usize];
+        let h = RequestHeader {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            len: PAYLOAD_MAX,
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut wr, &h.encode())
+            .await
+            .expect("send header");
+        tokio::io::AsyncWriteExt::write_all(&mut wr, &big)
+            .await
+            .expect("send payload");
+        wr
+    });
+    wait_until("the big write reached the volume", || {
+        vol.entered.load(SeqCst) == 1
+    })
+    .await;
+    b.write(0, 2, 1 << 20, &[2; 4096]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        vol.entered.load(SeqCst),
+        1,
+        "server-wide byte limit let a second write in"
+    );
+    vol.resume();
+    assert_eq!(
+        reply_errno(&b.read_reply(|_| 0).await),
+        0,
+        "second connection served after"
+    );
+    let mut a = RawClient {
+        rd,
+        wr: sender.await.expect("payload sender"),
+    };
+    assert_eq!(reply_errno(&a.read_reply(|_| 0).await), 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn disc_sends_the_replies_of_requests_in_flight_first() {
     let (srv, vol) = one_volume(Default::default()).await;
     let (mut c, _) = RawClient::open(srv.addr, "vol", false, false).await;
