@@ -2,8 +2,8 @@
 //!
 //! Errors a client can cause in the transmission phase (bad range, unknown
 //! command, volume errors) are not here: they become NBD error replies and
-//! the connection goes on. What is here ends a connection (or, for
-//! [`NbdError::Config`] and [`NbdError::Listen`], the server).
+//! the connection goes on. What is here ends a connection, or (for
+//! [`NbdError::Config`]) keeps the server from starting.
 
 use std::time::Duration;
 
@@ -21,8 +21,6 @@ pub enum NbdError {
     ExportNameRefused { name: String, reason: String },
     #[error("invalid server configuration: {0}")]
     Config(String),
-    #[error("accepting connections failed: {0}")]
-    Listen(std::io::Error),
     #[error("connection task failed: {0}")]
     Task(String),
 }

@@ -8,6 +8,26 @@
 //! BLOCK_STATUS, CACHE and DISC, with the FUA and DF flags; structured
 //! replies with hole chunks for zero blocks. No TLS, no extended headers.
 //!
+//! Use (what `storaged` does):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use nbd_server::{CancellationToken, NbdServer, ServerConfig};
+//!
+//! async fn run(
+//!     provider: Arc<dyn block_api::VolumeProvider>,
+//!     shutdown: CancellationToken,
+//! ) -> Result<(), nbd_server::NbdError> {
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:10809").await?;
+//!     let server = NbdServer::new(provider, ServerConfig::default())?;
+//!     let stats = server.stats(); // for metrics: stats.snapshot()
+//!     // Returns after `shutdown` is cancelled and connections drained.
+//!     server.serve(listener, shutdown).await
+//! }
+//! ```
+//!
+//! or simply [`serve`]`(listener, provider, shutdown)` with the defaults.
+//!
 //! Layout: [`proto`] holds the wire constants and encodings, `handshake`
 //! the option haggling, `transmission` the request/reply engine and
 //! `server` the accept loop and connection lifecycle.
