@@ -120,6 +120,13 @@ where
         let len = u32::from_be_bytes([header[12], header[13], header[14], header[15]]) as usize;
 
         let oversized = len > OPTION_DATA_MAX;
+        if oversized && option == OPT_EXPORT_NAME {
+            // No error reply exists for EXPORT_NAME: hang up without reading it.
+            return Err(NbdError::ExportNameRefused {
+                name: String::new(),
+                reason: format!("option data of {len} bytes"),
+            });
+        }
         let Some(()) = step
             .run(async {
                 if oversized {
@@ -135,12 +142,6 @@ where
         };
 
         let action = if oversized {
-            if option == OPT_EXPORT_NAME {
-                return Err(NbdError::ExportNameRefused {
-                    name: String::new(),
-                    reason: format!("option data of {len} bytes"),
-                });
-            }
             haggle.error(
                 option,
                 REP_ERR_TOO_BIG,
