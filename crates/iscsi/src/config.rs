@@ -93,6 +93,10 @@ pub struct TargetConfig {
     /// Largest SCSI transfer of one command (reported in the block limits
     /// VPD page; larger commands are refused).
     pub max_transfer_bytes: u32,
+    /// Most buffer bytes (write data being collected, read data being
+    /// produced) one connection may hold; a command past it gets TASK SET
+    /// FULL and is retried by the initiator.
+    pub inflight_bytes_max: u64,
     /// Most connections served at once; more are refused at accept.
     pub max_connections: usize,
     /// Time allowed for a whole login.
@@ -126,6 +130,7 @@ impl Default for TargetConfig {
             limits: ParamLimits::default(),
             cmd_window: 64,
             max_transfer_bytes: 4 * 1024 * 1024,
+            inflight_bytes_max: 64 * 1024 * 1024,
             max_connections: 256,
             login_timeout: Duration::from_secs(30),
             nop_interval: Duration::from_secs(30),
@@ -145,6 +150,7 @@ impl TargetConfig {
         self.cmd_window = self.cmd_window.clamp(1, 1024);
         self.max_transfer_bytes = self.max_transfer_bytes.clamp(64 * 1024, 64 * 1024 * 1024);
         self.max_connections = self.max_connections.max(1);
+        self.inflight_bytes_max = self.inflight_bytes_max.max(crate::scsi::TRANSFER_BYTES_MAX);
         self
     }
 }

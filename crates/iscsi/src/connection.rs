@@ -119,6 +119,10 @@ struct Session {
     exp_cmd_sn: u32,
     max_cmd_sn: u32,
     tasks: HashMap<u32, TaskState>,
+    /// Buffer bytes each task may hold (write buffer or read data), so the
+    /// connection's total stays under the budget.
+    charged: HashMap<u32, u64>,
+    charged_total: u64,
     /// Non-immediate commands that arrived ahead of ExpCmdSN.
     held: BTreeMap<u32, Pdu>,
     next_ttt: u32,
@@ -198,6 +202,8 @@ async fn full_feature(
         exp_cmd_sn: o.exp_cmd_sn,
         max_cmd_sn,
         tasks: HashMap::new(),
+        charged: HashMap::new(),
+        charged_total: 0,
         held: BTreeMap::new(),
         next_ttt: 1,
         deferred: Vec::new(),
@@ -222,7 +228,7 @@ async fn full_feature(
                 // Shutdown or reinstatement: take no new work, let running
                 // commands finish and report.
                 draining = true;
-                s.tasks.retain(|_, t| matches!(t, TaskState::Running { .. }));
+                s.drop_collecting(|_| true);
             }
             Some(c) = done_rx.recv() => {
                 if let Err(e) = s.on_done(c).await {
@@ -282,6 +288,58 @@ async fn full_feature(
     result
 }
 
+/// Run one command, settling a mismatch between the expected transfer
+/// length (EDTL, the data received) and the CDB's (SPDTL) as SAM-5 and FCP
+/// describe: a plain WRITE transfers the smaller of the two when that is
+/// whole blocks (underflow/overflow residual), otherwise the command is
+/// refused; other commands report the residual and check their own data.
+async fn run_command(
+    lu: &LogicalUnit,
+    nexus: &Nexus,
+    mut cdb: Vec<u8>,
+    mut data: Option<AlignedBuf>,
+) -> (ScsiResponse, Option<Residual>) {
+    let edtl = data.as_ref().map_or(0, |d| d.len() as u64);
+    let bs = u64::from(lu.block_size());
+    if opcodes::lookup_cdb(&cdb).is_none() {
+        return (scsi::execute(lu, nexus, &cdb, data).await, None);
+    }
+    let spdtl = scsi::expected_data_out(&cdb, lu.block_size());
+    if spdtl == edtl {
+        return (scsi::execute(lu, nexus, &cdb, data).await, None);
+    }
+    let residual = if spdtl > edtl {
+        Residual {
+            overflow: true,
+            count: (spdtl - edtl).min(u64::from(u32::MAX)) as u32,
+        }
+    } else {
+        Residual {
+            overflow: false,
+            count: (edtl - spdtl) as u32,
+        }
+    };
+    if cdb::is_plain_write(cdb[0]) {
+        if edtl > spdtl {
+            if let Some(d) = data.as_mut() {
+                d.set_len(spdtl as usize);
+            }
+        } else if edtl.is_multiple_of(bs) {
+            if edtl == 0 {
+                return (ScsiResponse::good(), Some(residual));
+            }
+            cdb::set_transfer_len(&mut cdb, (edtl / bs) as u32);
+        } else {
+            let resp = ScsiResponse::check(
+                Sense::invalid_field_in_information_unit(),
+                lu.mode().d_sense,
+            );
+            return (resp, Some(residual));
+        }
+    }
+    (scsi::execute(lu, nexus, &cdb, data).await, Some(residual))
+}
+
 enum Admit {
     Now,
     Hold,
@@ -294,6 +352,28 @@ impl Session {
             .values()
             .filter(|t| matches!(t, TaskState::Running { .. }))
             .count()
+    }
+
+    /// Forget a task and its buffer charge.
+    fn remove_task(&mut self, itt: u32) -> Option<TaskState> {
+        if let Some(b) = self.charged.remove(&itt) {
+            self.charged_total -= b;
+        }
+        self.tasks.remove(&itt)
+    }
+
+    /// Drop the selected tasks that are still collecting data (they were
+    /// never acknowledged and can never complete).
+    fn drop_collecting(&mut self, which: impl Fn(u32) -> bool) {
+        let gone: Vec<u32> = self
+            .tasks
+            .iter()
+            .filter(|(itt, t)| matches!(t, TaskState::Collecting(_)) && which(**itt))
+            .map(|(itt, _)| *itt)
+            .collect();
+        for itt in gone {
+            self.remove_task(itt);
+        }
     }
 
     fn ttt(&mut self) -> u32 {
@@ -495,15 +575,23 @@ impl Session {
             };
             return self.respond_now(itt, lun, resp, read_edtl, None).await;
         }
+        let need = u64::from(edtl)
+            .max(scsi::transfer_bytes(&cdb, lu.block_size()))
+            .min(scsi::TRANSFER_BYTES_MAX);
+        if self.charged_total > 0 && self.charged_total + need > self.cfg.inflight_bytes_max {
+            let resp = ScsiResponse::status(scsi::sense::STATUS_TASK_SET_FULL);
+            return self.respond_now(itt, lun, resp, None, None).await;
+        }
         let immediate = pdu.data.len() as u32;
         if !write || edtl == 0 {
+            self.charged.insert(itt, need);
+            self.charged_total += need;
             self.tasks
                 .insert(itt, TaskState::Running { aborted: false });
             self.spawn(lu, itt, lun, cdb, None, read_edtl);
             return Ok(());
         }
-        let cap = self.cfg.max_transfer_bytes.max(1024 * 1024);
-        if edtl > cap {
+        if u64::from(edtl) > scsi::TRANSFER_BYTES_MAX {
             let resp = ScsiResponse::check(Sense::invalid_field_in_cdb(0), d_sense);
             return self.respond_now(itt, lun, resp, read_edtl, None).await;
         }
@@ -538,6 +626,8 @@ impl Session {
         };
         self.tasks
             .insert(itt, TaskState::Collecting(Box::new(task)));
+        self.charged.insert(itt, need);
+        self.charged_total += need;
         self.advance_write(itt).await
     }
 
@@ -606,8 +696,17 @@ impl Session {
                 _ => 0,
             }
         };
-        let ok = data_sn == t.data_sn && offset == t.received && end.is_some_and(|e| e <= limit);
-        if !ok {
+        let in_bounds = offset == t.received && end.is_some_and(|e| e <= limit);
+        if in_bounds && data_sn != t.data_sn {
+            // A lost or reordered Data-Out: fail this command only; later
+            // Data-Out PDUs for it find no task and are dropped.
+            let lun = t.lun;
+            self.remove_task(itt);
+            self.update_window();
+            let resp = ScsiResponse::check(Sense::data_phase_error(), false);
+            return self.respond_now(itt, lun, resp, None, None).await;
+        }
+        if !in_bounds {
             let bhs = pdu.bhs.clone();
             self.reject(&bhs, RejectReason::ProtocolError).await?;
             return Err(IscsiError::Protocol(format!(
@@ -643,29 +742,7 @@ impl Session {
         let nexus = self.nexus.clone();
         let done_tx = self.done_tx.clone();
         tokio::spawn(async move {
-            let edtl_out = data.as_ref().map_or(0, |d| d.len() as u64);
-            let known = opcodes::lookup_cdb(&cdb).is_some();
-            let spdtl = scsi::expected_data_out(&cdb, lu.block_size());
-            let (resp, residual) = if known && spdtl != edtl_out {
-                let residual = if spdtl > edtl_out {
-                    Residual {
-                        overflow: true,
-                        count: (spdtl - edtl_out).min(u64::from(u32::MAX)) as u32,
-                    }
-                } else {
-                    Residual {
-                        overflow: false,
-                        count: (edtl_out - spdtl) as u32,
-                    }
-                };
-                let resp = ScsiResponse::check(
-                    Sense::invalid_field_in_information_unit(),
-                    lu.mode().d_sense,
-                );
-                (resp, Some(residual))
-            } else {
-                (scsi::execute(&lu, &nexus, &cdb, data).await, None)
-            };
+            let (resp, residual) = run_command(&lu, &nexus, cdb, data).await;
             let done = Box::new(ScsiDone {
                 itt,
                 lun,
@@ -679,7 +756,7 @@ impl Session {
 
     async fn on_done(&mut self, c: Completion) -> Result<(), IscsiError> {
         let aborted = matches!(
-            self.tasks.remove(&c.itt),
+            self.remove_task(c.itt),
             Some(TaskState::Running { aborted: true })
         );
         self.update_window();
@@ -706,20 +783,16 @@ impl Session {
     /// Abort the tasks selected by `which`; returns the running ones still
     /// to finish.
     fn abort_tasks(&mut self, which: impl Fn(u32) -> bool) -> Vec<u32> {
+        self.drop_collecting(&which);
         let mut waiting = Vec::new();
-        self.tasks.retain(|&itt, t| {
-            if !which(itt) {
-                return true;
+        for (itt, t) in self.tasks.iter_mut() {
+            if let TaskState::Running { aborted } = t
+                && which(*itt)
+            {
+                *aborted = true;
+                waiting.push(*itt);
             }
-            match t {
-                TaskState::Collecting(_) => false,
-                TaskState::Running { aborted } => {
-                    *aborted = true;
-                    waiting.push(itt);
-                    true
-                }
-            }
-        });
+        }
         self.update_window();
         waiting
     }
@@ -805,8 +878,7 @@ impl Session {
         r.0[2] = 0;
         // Tasks still collecting data will never complete: drop them; let
         // running ones finish and report before the logout response.
-        self.tasks
-            .retain(|_, t| matches!(t, TaskState::Running { .. }));
+        self.drop_collecting(|_| true);
         let waiting: Vec<u32> = self.tasks.keys().copied().collect();
         self.respond_after(waiting, Pdu::new(r), true).await
     }

@@ -129,7 +129,7 @@ impl Bhs {
         (self.0[5] as usize) << 16 | (self.0[6] as usize) << 8 | self.0[7] as usize
     }
     pub fn set_lengths(&mut self, ahs_len: usize, data_len: usize) {
-        debug_assert!(ahs_len % 4 == 0 && ahs_len / 4 <= 255);
+        debug_assert!(ahs_len.is_multiple_of(4) && ahs_len / 4 <= 255);
         debug_assert!(data_len < 1 << 24);
         self.0[4] = (ahs_len / 4) as u8;
         self.0[5] = (data_len >> 16) as u8;

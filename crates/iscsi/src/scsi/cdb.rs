@@ -56,6 +56,22 @@ pub fn lba_and_len(cdb: &[u8]) -> (u64, u64) {
     }
 }
 
+/// Whether the opcode is one of the WRITE / WRITE AND VERIFY forms.
+pub fn is_plain_write(op: u8) -> bool {
+    matches!(op, 0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e)
+}
+
+/// Rewrite the transfer length of a READ/WRITE-style CDB to `n` blocks
+/// (`n` must fit the form's field; 6-byte forms take 1..=255).
+pub fn set_transfer_len(cdb: &mut [u8], n: u32) {
+    match cdb[0] >> 5 {
+        0 => cdb[4] = n as u8,
+        1 | 2 => cdb[7..9].copy_from_slice(&(n as u16).to_be_bytes()),
+        5 => cdb[6..10].copy_from_slice(&n.to_be_bytes()),
+        _ => cdb[10..14].copy_from_slice(&n.to_be_bytes()),
+    }
+}
+
 /// The number of data-out bytes the CDB announces, `None` when the command
 /// transfers none or we do not know the command.
 pub fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u64> {

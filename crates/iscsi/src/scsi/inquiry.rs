@@ -11,8 +11,8 @@ use super::{CmdResult, ScsiResponse, cdb};
 
 const VPD_PAGES: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
 
-/// Most LBAs one UNMAP / WRITE SAME may cover (1 GiB of 512-byte blocks).
-pub const MAX_UNMAP_BLOCKS_512: u32 = 1 << 21;
+/// Most LBAs one UNMAP / WRITE SAME may cover (512 MiB of 512-byte blocks).
+pub const MAX_UNMAP_BLOCKS_512: u32 = 1 << 20;
 /// Most block descriptors in one UNMAP parameter list.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Most blocks of one COMPARE AND WRITE.

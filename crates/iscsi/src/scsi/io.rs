@@ -32,7 +32,7 @@ fn check_range(lu: &LogicalUnit, lba: u64, n: u64) -> Result<(), Sense> {
 }
 
 fn check_max_transfer(lu: &LogicalUnit, n: u64, byte: u16) -> Result<(), Sense> {
-    if n * u64::from(lu.block_size()) > u64::from(lu.max_transfer_bytes) {
+    if n.saturating_mul(u64::from(lu.block_size())) > super::TRANSFER_BYTES_MAX {
         return Err(Sense::invalid_field_in_cdb(byte));
     }
     Ok(())
@@ -278,7 +278,7 @@ pub async fn unmap(lu: &LogicalUnit, c: &[u8], data: &[u8]) -> CmdResult {
     }
     let data = &data[..list_len];
     let bd_len = cdb::be16(&data[2..4]) as usize;
-    if bd_len % 16 != 0 || 8 + bd_len > data.len() {
+    if !bd_len.is_multiple_of(16) || 8 + bd_len > data.len() {
         return Err(Sense::parameter_list_length_error());
     }
     let count = bd_len / 16;
@@ -375,6 +375,10 @@ pub async fn compare_and_write(lu: &LogicalUnit, c: &[u8], data: Option<AlignedB
     }
     check_range(lu, lba, n)?;
     if n == 0 {
+        if data.is_some_and(|d| !d.is_empty()) {
+            // Data for zero blocks: the length did not fit the 1-byte field.
+            return Err(Sense::invalid_field_in_cdb(13));
+        }
         return Ok(ScsiResponse::good());
     }
     write_protected(lu)?;

@@ -79,6 +79,13 @@ impl ScsiResponse {
             data_in: None,
         }
     }
+    pub fn status(status: u8) -> Self {
+        ScsiResponse {
+            status,
+            sense: None,
+            data_in: None,
+        }
+    }
     pub fn conflict() -> Self {
         ScsiResponse {
             status: STATUS_RESERVATION_CONFLICT,
@@ -97,6 +104,26 @@ pub struct Nexus {
     pub port: InitiatorPort,
     /// Relative target port identifier (one portal group: 1).
     pub target_port: u16,
+}
+
+/// Hard cap on the bytes one command may transfer, whatever the block
+/// limits page advertises (initiators that ignore it still get served up to
+/// here).
+pub const TRANSFER_BYTES_MAX: u64 = 32 * 1024 * 1024;
+
+/// The larger of the data-in and data-out lengths a CDB implies, for
+/// buffer accounting.
+pub fn transfer_bytes(cdb: &[u8], block_size: u32) -> u64 {
+    let out = cdb::data_out_len(cdb, block_size).unwrap_or(0);
+    let data_in = match cdb.first() {
+        Some(0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f)
+            if cdb.len() >= cdb::cdb_len(cdb[0]) =>
+        {
+            cdb::lba_and_len(cdb).1 * u64::from(block_size)
+        }
+        _ => 0,
+    };
+    out.max(data_in)
 }
 
 /// The length of data-out a CDB asks for, when it transfers any.

@@ -81,7 +81,7 @@ pub fn pr_in(lu: &LogicalUnit, c: &[u8]) -> CmdResult {
 fn transport_id(port_name: &str) -> Vec<u8> {
     let mut name = port_name.as_bytes().to_vec();
     name.push(0);
-    while name.len() % 4 != 0 || name.len() < 20 {
+    while !name.len().is_multiple_of(4) || name.len() < 20 {
         name.push(0);
     }
     let mut v = vec![0x45, 0];

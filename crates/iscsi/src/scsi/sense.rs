@@ -12,6 +12,7 @@ pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
 pub const STATUS_CONDITION_MET: u8 = 0x04;
 pub const STATUS_RESERVATION_CONFLICT: u8 = 0x18;
+pub const STATUS_TASK_SET_FULL: u8 = 0x28;
 
 pub const KEY_NO_SENSE: u8 = 0x00;
 pub const KEY_NOT_READY: u8 = 0x02;
@@ -105,6 +106,11 @@ impl Sense {
     }
     pub fn not_ready() -> Self {
         Self::new(KEY_NOT_READY, 0x04, 0x00)
+    }
+    /// ABORTED COMMAND / DATA PHASE ERROR: the data-out did not arrive
+    /// in order.
+    pub fn data_phase_error() -> Self {
+        Self::new(KEY_ABORTED_COMMAND, 0x4b, 0x00)
     }
     pub fn no_sense() -> Self {
         Self::new(KEY_NO_SENSE, 0, 0)
