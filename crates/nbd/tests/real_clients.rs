@@ -300,6 +300,8 @@ async fn fio_random_writes_at_queue_depth_32_verify() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify-state file in the working directory.
+            "--verify_state_save=0",
         ],
     )
     .await;
