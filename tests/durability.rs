@@ -37,9 +37,18 @@ struct Ledger {
     flushes: u64,
 }
 
-fn writer(addr: std::net::SocketAddr, ledger: Arc<Mutex<Ledger>>, first_seq: u64, stop: Arc<AtomicBool>) {
-    let Ok(mut c) = NbdClient::connect(addr, "crash") else { return };
-    let mut rng = first_seq.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+fn writer(
+    addr: std::net::SocketAddr,
+    ledger: Arc<Mutex<Ledger>>,
+    first_seq: u64,
+    stop: Arc<AtomicBool>,
+) {
+    let Ok(mut c) = NbdClient::connect(addr, "crash") else {
+        return;
+    };
+    let mut rng = first_seq
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut seq = first_seq;
     let mut pending: Vec<(u64, u64)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -88,9 +97,9 @@ fn verify(node: &Node, ledger: &Ledger) -> usize {
     let mut c = NbdClient::connect(node.nbd, "crash").expect("connect after restart");
     let mut checked = 0;
     for chunk in 0..VOL_BYTES / (1 << 20) {
-        let data = c
-            .read(chunk << 20, 1 << 20)
-            .unwrap_or_else(|e| panic!("reading MiB {chunk} after the crash failed: {e:?} (checksum error?)"));
+        let data = c.read(chunk << 20, 1 << 20).unwrap_or_else(|e| {
+            panic!("reading MiB {chunk} after the crash failed: {e:?} (checksum error?)")
+        });
         for i in 0..256u64 {
             let block = chunk * 256 + i;
             let got = &data[(i * 4096) as usize..((i + 1) * 4096) as usize];
@@ -133,16 +142,30 @@ fn kill_9_during_writes_loses_nothing_flushed_and_no_checksum_fails() {
         w.join().expect("writer thread");
         node.restart();
         let l = ledger.lock().expect("ledger");
-        assert!(l.flushes > 0 && l.acked > 100, "round {round}: workload too small ({} writes, {} flushes)", l.acked, l.flushes);
+        assert!(
+            l.flushes > 0 && l.acked > 100,
+            "round {round}: workload too small ({} writes, {} flushes)",
+            l.acked,
+            l.flushes
+        );
         let checked = verify(&node, &l);
         assert!(checked > 0, "round {round}: no flushed block was checked");
-        eprintln!("round {round}: {} writes acked, {} flushes, {checked} flushed blocks verified", l.acked, l.flushes);
+        eprintln!(
+            "round {round}: {} writes acked, {} flushes, {checked} flushed blocks verified",
+            l.acked, l.flushes
+        );
     }
     // A clean stop after the crashes leaves disks whose every checksum holds.
     assert_eq!(node.stop(), Some(0));
     let storaged = harness::bin_dir().join("storaged");
     for d in node.disk_paths() {
-        let out = harness::run_ok(storaged.to_str().expect("path"), &["check", "--disk", d.to_str().expect("path")]);
-        assert!(out.contains(" 0 bad blocks"), "storaged check after crashes: {out}");
+        let out = harness::run_ok(
+            storaged.to_str().expect("path"),
+            &["check", "--disk", d.to_str().expect("path")],
+        );
+        assert!(
+            out.contains(" 0 bad blocks"),
+            "storaged check after crashes: {out}"
+        );
     }
 }

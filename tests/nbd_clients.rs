@@ -20,7 +20,10 @@ fn qemu_io(node: &Node, vol: &str, cmds: &[&str]) -> String {
         args.push(c);
     }
     let out = run_ok("qemu-io", &args);
-    assert!(!out.contains("Pattern verification failed"), "qemu-io pattern mismatch:\n{out}");
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "qemu-io pattern mismatch:\n{out}"
+    );
     out
 }
 
@@ -49,7 +52,11 @@ fn qemu_io_patterns(engine: &'static str) {
         ],
     );
     // After a reconnect the data is the same.
-    qemu_io(&n, "vol", &["read -P 0xd4 4190000 20000", "read -P 0xc3 4095 2"]);
+    qemu_io(
+        &n,
+        "vol",
+        &["read -P 0xd4 4190000 20000", "read -P 0xc3 4095 2"],
+    );
 }
 
 #[test]
@@ -89,9 +96,18 @@ fn convert_and_compare(engine: &'static str) {
     drop(f);
     let src = src.to_str().expect("path");
     let uri = n.uri("img");
-    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src, &uri]);
-    let out = run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src, &uri]);
-    assert!(out.contains("Images are identical"), "qemu-img compare: {out}");
+    run_ok(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src, &uri],
+    );
+    let out = run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", src, &uri],
+    );
+    assert!(
+        out.contains("Images are identical"),
+        "qemu-img compare: {out}"
+    );
 }
 
 #[test]
@@ -128,16 +144,39 @@ fn nbdinfo_lists_capabilities_and_map_shows_trimmed_holes() {
         assert!(info.contains(cap), "nbdinfo does not list {cap}:\n{info}");
     }
     let list = run_ok("nbdinfo", &["--list", &format!("nbd://{}", n.nbd)]);
-    assert!(list.contains("export=\"caps\"") && list.contains("export=\"other\""), "--list: {list}");
+    assert!(
+        list.contains("export=\"caps\"") && list.contains("export=\"other\""),
+        "--list: {list}"
+    );
 
-    qemu_io(&n, "caps", &["write -P 0x11 0 1M", "discard 256k 512k", "write -z 8M 1M"]);
+    qemu_io(
+        &n,
+        "caps",
+        &["write -P 0x11 0 1M", "discard 256k 512k", "write -z 8M 1M"],
+    );
     let map = run_ok("nbdinfo", &["--map", &n.uri("caps")]);
     // Expect: data [0,256k), hole [256k,768k), data [768k,1M), then zeros.
-    let rows: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(rows[0][..3], ["0", "262144", "0"], "map:\n{map}");
-    assert_eq!(rows[1][..3], ["262144", "524288", "3"], "trimmed range is not a hole:\n{map}");
+    assert_eq!(
+        rows[1][..3],
+        ["262144", "524288", "3"],
+        "trimmed range is not a hole:\n{map}"
+    );
     assert_eq!(rows[2][..3], ["786432", "262144", "0"], "map:\n{map}");
-    qemu_io(&n, "caps", &["read -P 0x11 0 256k", "read -P 0 256k 512k", "read -P 0x11 768k 256k", "read -P 0 8M 1M"]);
+    qemu_io(
+        &n,
+        "caps",
+        &[
+            "read -P 0x11 0 256k",
+            "read -P 0 256k 512k",
+            "read -P 0x11 768k 256k",
+            "read -P 0 8M 1M",
+        ],
+    );
 }
 
 #[test]
@@ -148,12 +187,17 @@ fn nbdcopy_round_trips_a_volume() {
     let n = node("auto");
     n.create_volume("copy", "32MiB");
     let src = n.dir.path().join("src.raw");
-    let data: Vec<u8> = (0..32u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&src, &data).expect("write source");
     let back = n.dir.path().join("back.raw");
     run_ok("nbdcopy", &[src.to_str().expect("path"), &n.uri("copy")]);
     run_ok("nbdcopy", &[&n.uri("copy"), back.to_str().expect("path")]);
-    assert!(std::fs::read(&back).expect("read back") == data, "nbdcopy out differs from what went in");
+    assert!(
+        std::fs::read(&back).expect("read back") == data,
+        "nbdcopy out differs from what went in"
+    );
 }
 
 #[test]
@@ -179,7 +223,11 @@ fn fio_nbd_engine_random_writes_verify_crc32c() {
             "--do_verify=1",
         ],
     );
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "fio failed:\n{text}");
     assert!(!text.contains("verify: bad"), "fio found bad data:\n{text}");
     assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
@@ -198,12 +246,25 @@ fn hostile_clients_do_not_disturb_the_server_or_acknowledged_data() {
     let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\x01\x02garbage");
     drop(s);
     // Unknown export.
-    assert!(harness::nbd::NbdClient::connect(n.nbd, "nope").is_err(), "unknown export must be refused");
+    assert!(
+        harness::nbd::NbdClient::connect(n.nbd, "nope").is_err(),
+        "unknown export must be refused"
+    );
     // Requests past the end, unknown commands, oversized lengths.
     let mut bad = harness::nbd::NbdClient::connect(n.nbd, "safe").expect("connect");
-    let e = bad.raw_request(harness::nbd::CMD_READ, 0, 16 << 20, 4096, &[]).expect("reply");
+    let e = bad
+        .raw_request(harness::nbd::CMD_READ, 0, 16 << 20, 4096, &[])
+        .expect("reply");
     assert_ne!(e, 0, "a read past the end must fail");
-    let e = bad.raw_request(harness::nbd::CMD_WRITE, 0, (16 << 20) - 100, 200, &[0xee; 200]).expect("reply");
+    let e = bad
+        .raw_request(
+            harness::nbd::CMD_WRITE,
+            0,
+            (16 << 20) - 100,
+            200,
+            &[0xee; 200],
+        )
+        .expect("reply");
     assert_ne!(e, 0, "a write past the end must fail");
     let e = bad.raw_request(77, 0, 0, 0, &[]).expect("reply");
     assert_eq!(e, 22, "an unknown command must be EINVAL");
@@ -220,13 +281,20 @@ fn hostile_clients_do_not_disturb_the_server_or_acknowledged_data() {
     drop(bad);
     // Random bytes after a good handshake.
     let mut junk = harness::nbd::NbdClient::connect(n.nbd, "safe").expect("connect");
-    let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(7919) >> 3) as u8).collect();
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(7919) >> 3) as u8)
+        .collect();
     let _ = junk.send_raw(&noise);
     drop(junk);
 
     // The well-behaved client is unaffected and its data intact.
-    assert_eq!(good.read(0, 8192).expect("read"), vec![0x42; 8192], "acknowledged data changed");
-    good.write(8192, &[0x43; 4096], true).expect("write after the hostile clients");
+    assert_eq!(
+        good.read(0, 8192).expect("read"),
+        vec![0x42; 8192],
+        "acknowledged data changed"
+    );
+    good.write(8192, &[0x43; 4096], true)
+        .expect("write after the hostile clients");
     let mut fresh = harness::nbd::NbdClient::connect(n.nbd, "safe").expect("server still accepts");
     assert_eq!(fresh.read(8192, 4096).expect("read"), vec![0x43; 4096]);
 }

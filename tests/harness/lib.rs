@@ -19,7 +19,11 @@ pub fn bin_dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     assert!(
         dir.join("storaged").exists() && dir.join("s2dctl").exists(),
         "storaged/s2dctl not built in {}: run `cargo build --bins` first",
@@ -44,7 +48,9 @@ pub fn have(program: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !found {
-        eprintln!("!!! {program} is not installed: this check is SKIPPED (CI installs it via .ci/run)");
+        eprintln!(
+            "!!! {program} is not installed: this check is SKIPPED (CI installs it via .ci/run)"
+        );
     }
     found
 }
@@ -98,7 +104,9 @@ impl Node {
     }
 
     pub fn disk_paths(&self) -> Vec<PathBuf> {
-        (0..self.opts.disks).map(|i| self.dir.path().join(format!("disk{i}.img"))).collect()
+        (0..self.opts.disks)
+            .map(|i| self.dir.path().join(format!("disk{i}.img")))
+            .collect()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -147,12 +155,19 @@ impl Node {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
             {
-                panic!("storaged exited during start ({st}); log:\n{}", self.log_text());
+                panic!(
+                    "storaged exited during start ({st}); log:\n{}",
+                    self.log_text()
+                );
             }
             if TcpStream::connect(self.grpc).is_ok() && TcpStream::connect(self.nbd).is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "storaged did not start in 30 s; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "storaged did not start in 30 s; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -185,7 +200,10 @@ impl Node {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("storaged did not stop within 30 s of SIGTERM; log:\n{}", self.log_text());
+                panic!(
+                    "storaged did not stop within 30 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -60,7 +60,11 @@ impl NbdClient {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.set_nodelay(true)?;
-        let mut c = NbdClient { s, size: 0, cookie: 1 };
+        let mut c = NbdClient {
+            s,
+            size: 0,
+            cookie: 1,
+        };
         c.handshake(export)?;
         Ok(c)
     }
@@ -75,7 +79,8 @@ impl NbdClient {
         if u64_of(&hello) != NBDMAGIC || u64_of(&hello[8..]) != IHAVEOPT {
             return Err(Self::bad("bad server greeting"));
         }
-        self.s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())?;
+        self.s
+            .write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())?;
         let mut opt = Vec::new();
         opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
         opt.extend_from_slice(&OPT_GO.to_be_bytes());
@@ -101,7 +106,10 @@ impl NbdClient {
                 e if e & 0x8000_0000 != 0 => {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
-                        format!("server refused export {export:?}: reply {e:#x} {}", String::from_utf8_lossy(&body)),
+                        format!(
+                            "server refused export {export:?}: reply {e:#x} {}",
+                            String::from_utf8_lossy(&body)
+                        ),
                     ));
                 }
                 _ => {}
@@ -109,7 +117,14 @@ impl NbdClient {
         }
     }
 
-    fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> io::Result<u64> {
+    fn request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
         let cookie = self.cookie;
         self.cookie += 1;
         let mut r = Vec::with_capacity(28 + payload.len());
@@ -137,7 +152,13 @@ impl NbdClient {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), NbdError> {
-        let c = self.request(CMD_WRITE, if fua { CMD_FLAG_FUA } else { 0 }, offset, data.len() as u32, data)?;
+        let c = self.request(
+            CMD_WRITE,
+            if fua { CMD_FLAG_FUA } else { 0 },
+            offset,
+            data.len() as u32,
+            data,
+        )?;
         self.reply(c)
     }
 
@@ -165,7 +186,14 @@ impl NbdClient {
     }
 
     /// Send a request with arbitrary fields; returns the reply's error code.
-    pub fn raw_request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u32, NbdError> {
+    pub fn raw_request(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<u32, NbdError> {
         let c = self.request(cmd, flags, offset, len, payload)?;
         match self.reply(c) {
             Ok(()) => Ok(0),

@@ -21,7 +21,12 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 #[command(name = "s2dctl", version, about = "Operate an s2d storage pool")]
 struct Cli {
     /// gRPC address of a storaged node.
-    #[arg(long, global = true, default_value = "127.0.0.1:7001", env = "S2D_ENDPOINT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:7001",
+        env = "S2D_ENDPOINT"
+    )]
     endpoint: String,
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -91,11 +96,17 @@ fn main() {
             // One line, exit 1, like every other error.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("bad arguments");
-            eprintln!("s2dctl: {} (see s2dctl --help)", first.trim_start_matches("error: "));
+            eprintln!(
+                "s2dctl: {} (see s2dctl --help)",
+                first.trim_start_matches("error: ")
+            );
             std::process::exit(1);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("s2dctl: cannot start: {e}");
@@ -112,7 +123,9 @@ fn main() {
 fn explain(endpoint: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unavailable => anyhow!("cannot reach storaged at {endpoint}: {}", s.message()),
-        tonic::Code::DeadlineExceeded => anyhow!("storaged at {endpoint} did not answer within {TIMEOUT:?}"),
+        tonic::Code::DeadlineExceeded => {
+            anyhow!("storaged at {endpoint} did not answer within {TIMEOUT:?}")
+        }
         _ => anyhow!("{}", s.message()),
     }
 }
@@ -144,7 +157,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume(cmd) => {
             let mut c = VolumeServiceClient::new(ch);
             match cmd {
-                VolumeCmd::Create { name, size, resiliency } => {
+                VolumeCmd::Create {
+                    name,
+                    size,
+                    resiliency,
+                } => {
                     let v = c
                         .create_volume(CreateVolumeRequest {
                             name,
@@ -157,7 +174,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if cli.json {
                         print_json(&v)?;
                     } else {
-                        println!("created volume {} ({}, {}) at {}", v.name, human(v.size_bytes), v.resiliency, v.nbd_uri);
+                        println!(
+                            "created volume {} ({}, {}) at {}",
+                            v.name,
+                            human(v.size_bytes),
+                            v.resiliency,
+                            v.nbd_uri
+                        );
                     }
                 }
                 VolumeCmd::List => {
@@ -196,7 +219,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 VolumeCmd::Resize { name, size } => {
                     let v = c
-                        .resize_volume(ResizeVolumeRequest { name, size_bytes: size })
+                        .resize_volume(ResizeVolumeRequest {
+                            name,
+                            size_bytes: size,
+                        })
                         .await
                         .map_err(|s| explain(ep, s))?
                         .into_inner();
@@ -239,9 +265,20 @@ fn print_volume(v: &Volume) {
     let rows = [
         ("name", v.name.clone()),
         ("id", v.id.to_string()),
-        ("size", format!("{} ({} bytes)", human(v.size_bytes), v.size_bytes)),
+        (
+            "size",
+            format!("{} ({} bytes)", human(v.size_bytes), v.size_bytes),
+        ),
         ("resiliency", v.resiliency.clone()),
-        ("allocated", format!("{} ({} of {} slabs)", human(v.allocated_bytes), v.slabs_allocated, v.slabs_total)),
+        (
+            "allocated",
+            format!(
+                "{} ({} of {} slabs)",
+                human(v.allocated_bytes),
+                v.slabs_allocated,
+                v.slabs_total
+            ),
+        ),
         ("nbd", v.nbd_uri.clone()),
     ];
     for (k, val) in rows {

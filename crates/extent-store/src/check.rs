@@ -5,10 +5,10 @@
 //! not changed), and reports each block whose data fails its checksum,
 //! naming disk offset, extent, block and owning volume.
 
+use crate::crc32c;
 use crate::disk::{choose_superblock, merge_records, read_slots};
 use crate::error::StoreError;
 use crate::format::{CsumEntry, ExtentOwner, ExtentRecord, Layout, RECORD_BYTES, SlotContent};
-use crate::crc32c;
 use block_api::BLOCK_SIZE;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -54,7 +54,9 @@ pub fn check_disk(path: &Path) -> Result<CheckReport, StoreError> {
     let (a, b) = read_slots(&f).map_err(|e| io("read superblocks", e))?;
     for (name, slot) in [("first", &a), ("second", &b)] {
         if let SlotContent::Invalid(why) = slot {
-            report.superblock_notes.push(format!("{name} superblock damaged: {why}"));
+            report
+                .superblock_notes
+                .push(format!("{name} superblock damaged: {why}"));
         }
     }
     let Some((sb, _)) = choose_superblock(path, a, b)? else {
@@ -66,17 +68,22 @@ pub fn check_disk(path: &Path) -> Result<CheckReport, StoreError> {
     let layout = Layout::compute(sb.disk_size, sb.extent_size)?;
     let mut ta = vec![0u8; layout.table_bytes as usize];
     let mut tb = vec![0u8; layout.table_bytes as usize];
-    f.read_exact_at(&mut ta, layout.table_a).map_err(|e| io("read table", e))?;
-    f.read_exact_at(&mut tb, layout.table_b).map_err(|e| io("read table", e))?;
+    f.read_exact_at(&mut ta, layout.table_a)
+        .map_err(|e| io("read table", e))?;
+    f.read_exact_at(&mut tb, layout.table_b)
+        .map_err(|e| io("read table", e))?;
     let mut intent = vec![0u8; layout.intent_bytes as usize];
-    f.read_exact_at(&mut intent, layout.intent).map_err(|e| io("read intent bits", e))?;
+    f.read_exact_at(&mut intent, layout.intent)
+        .map_err(|e| io("read intent bits", e))?;
     let bpe = layout.blocks_per_extent();
     let mut csum = vec![0u8; (bpe * 8) as usize];
     let mut data = vec![0u8; layout.extent_size as usize];
     for e in 0..layout.extent_count as usize {
         let at = e * RECORD_BYTES as usize;
-        let rec: Option<ExtentRecord> =
-            merge_records(ExtentRecord::decode(&ta[at..]), ExtentRecord::decode(&tb[at..]));
+        let rec: Option<ExtentRecord> = merge_records(
+            ExtentRecord::decode(&ta[at..]),
+            ExtentRecord::decode(&tb[at..]),
+        );
         let Some(rec) = rec else {
             report.damaged_records.push(e as u32);
             continue;
@@ -89,7 +96,8 @@ pub fn check_disk(path: &Path) -> Result<CheckReport, StoreError> {
         f.read_exact_at(&mut csum, layout.csum + e as u64 * bpe * 8)
             .map_err(|e| io("read checksums", e))?;
         let ext_off = layout.extent_offset(e as u32);
-        f.read_exact_at(&mut data, ext_off).map_err(|e| io("read extent", e))?;
+        f.read_exact_at(&mut data, ext_off)
+            .map_err(|e| io("read extent", e))?;
         for blk in 0..bpe as usize {
             let mut raw = [0u8; 8];
             raw.copy_from_slice(&csum[blk * 8..blk * 8 + 8]);

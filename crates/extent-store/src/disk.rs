@@ -13,8 +13,8 @@
 use crate::engine::{EngineChoice, IoEngine};
 use crate::error::StoreError;
 use crate::format::{
-    CsumEntry, ExtentOwner, ExtentRecord, INTENT_BYTES_PER_EXTENT, Layout, RECORD_BYTES, SB_A_OFFSET, SB_B_OFFSET,
-    SlotContent, Superblock,
+    CsumEntry, ExtentOwner, ExtentRecord, INTENT_BYTES_PER_EXTENT, Layout, RECORD_BYTES,
+    SB_A_OFFSET, SB_B_OFFSET, SlotContent, Superblock,
 };
 use crate::{FORMAT_VERSION, crc32c};
 use block_api::{AlignedBuf, BLOCK_SIZE};
@@ -109,7 +109,11 @@ pub(crate) fn read_slots(f: &File) -> std::io::Result<(SlotContent, SlotContent)
 
 /// Pick the superblock from the two slots, or say why the disk is refused.
 /// Returns the superblock and whether the other slot needs rewriting.
-pub(crate) fn choose_superblock(path: &Path, a: SlotContent, b: SlotContent) -> Result<Option<(Superblock, bool)>, StoreError> {
+pub(crate) fn choose_superblock(
+    path: &Path,
+    a: SlotContent,
+    b: SlotContent,
+) -> Result<Option<(Superblock, bool)>, StoreError> {
     match (a, b) {
         (SlotContent::Blank, SlotContent::Blank) => Ok(None),
         (SlotContent::Valid(a), SlotContent::Valid(b)) => {
@@ -126,7 +130,11 @@ pub(crate) fn choose_superblock(path: &Path, a: SlotContent, b: SlotContent) -> 
         }
         (a, b) => Err(StoreError::BadSuperblock {
             path: path.to_path_buf(),
-            reason: format!("first copy: {}; second copy: {}", describe(&a), describe(&b)),
+            reason: format!(
+                "first copy: {}; second copy: {}",
+                describe(&a),
+                describe(&b)
+            ),
         }),
     }
 }
@@ -140,7 +148,10 @@ fn describe(s: &SlotContent) -> String {
 }
 
 /// Pick the valid record with the higher sequence of the two table copies.
-pub(crate) fn merge_records(a: Option<ExtentRecord>, b: Option<ExtentRecord>) -> Option<ExtentRecord> {
+pub(crate) fn merge_records(
+    a: Option<ExtentRecord>,
+    b: Option<ExtentRecord>,
+) -> Option<ExtentRecord> {
     match (a, b) {
         (Some(a), Some(b)) => Some(if b.seq > a.seq { b } else { a }),
         (a, b) => a.or(b),
@@ -159,8 +170,10 @@ impl Disk {
                 ))
             })?;
             let f = File::create_new(path).map_err(|e| io_err(path, "create disk file", e))?;
-            f.set_len(size).map_err(|e| io_err(path, "size disk file", e))?;
-            f.sync_all().map_err(|e| io_err(path, "sync new disk file", e))?;
+            f.set_len(size)
+                .map_err(|e| io_err(path, "size disk file", e))?;
+            f.sync_all()
+                .map_err(|e| io_err(path, "sync new disk file", e))?;
         }
         let file = OpenOptions::new()
             .read(true)
@@ -175,11 +188,18 @@ impl Disk {
             .map_err(|e| io_err(path, "open disk", e))?;
         let size = device_size(&buffered).map_err(|e| io_err(path, "size disk", e))?;
         if size < 2 * crate::format::HEADER_BYTES {
-            return Err(StoreError::Config(format!("disk {} is too small ({size} bytes)", path.display())));
+            return Err(StoreError::Config(format!(
+                "disk {} is too small ({size} bytes)",
+                path.display()
+            )));
         }
         let (a, b) = read_slots(&buffered).map_err(|e| io_err(path, "read superblocks", e))?;
-        let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let engine = IoEngine::start(opts.engine, &name).map_err(|e| io_err(path, "start I/O engine", e))?;
+        let name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let engine =
+            IoEngine::start(opts.engine, &name).map_err(|e| io_err(path, "start I/O engine", e))?;
         let mut formatted = false;
         let (sb, rewrite) = match choose_superblock(path, a, b)? {
             Some(x) => x,
@@ -209,14 +229,20 @@ impl Disk {
         if sb.disk_size > size {
             return Err(StoreError::BadSuperblock {
                 path: path.to_path_buf(),
-                reason: format!("formatted for {} bytes but only {size} are there", sb.disk_size),
+                reason: format!(
+                    "formatted for {} bytes but only {size} are there",
+                    sb.disk_size
+                ),
             });
         }
         let layout = Layout::compute(sb.disk_size, sb.extent_size)?;
         if layout.extent_count != sb.extent_count {
             return Err(StoreError::BadSuperblock {
                 path: path.to_path_buf(),
-                reason: format!("extent count {} does not match its geometry", sb.extent_count),
+                reason: format!(
+                    "extent count {} does not match its geometry",
+                    sb.extent_count
+                ),
             });
         }
         if rewrite {
@@ -235,7 +261,11 @@ impl Disk {
         let csum_ptr = map.as_ptr() as *const AtomicU64;
         let csum_len = layout.csum_bytes as usize / 8;
         let (r, bits) = engine
-            .read_exact(file.as_raw_fd(), layout.intent, AlignedBuf::zeroed(layout.intent_bytes as usize))
+            .read_exact(
+                file.as_raw_fd(),
+                layout.intent,
+                AlignedBuf::zeroed(layout.intent_bytes as usize),
+            )
             .await;
         r.map_err(|e| io_err(path, "read intent bits", e))?;
         let disk = Disk {
@@ -273,7 +303,10 @@ impl Disk {
 
     /// Snapshot of the extent table: `None` for a record damaged in both copies.
     pub fn records(&self) -> Vec<Option<ExtentRecord>> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn entry(&self, extent: u32, block: u64) -> &AtomicU64 {
@@ -288,7 +321,8 @@ impl Disk {
     }
 
     fn set_entry(&self, extent: u32, block: u64, e: CsumEntry) {
-        self.entry(extent, block).store(e.to_raw(), Ordering::Release);
+        self.entry(extent, block)
+            .store(e.to_raw(), Ordering::Release);
     }
 
     fn check_range(&self, extent: u32, off: u64, len: u64) {
@@ -302,7 +336,11 @@ impl Disk {
     }
 
     /// Record the owner of `extent` durably (table A, sync, table B, sync).
-    pub async fn set_owner(&self, extent: u32, owner: Option<ExtentOwner>) -> Result<(), StoreError> {
+    pub async fn set_owner(
+        &self,
+        extent: u32,
+        owner: Option<ExtentOwner>,
+    ) -> Result<(), StoreError> {
         let _io = self.table_io.lock().await;
         if owner.is_some() {
             // A reused extent must not show its previous owner's blocks.
@@ -324,7 +362,10 @@ impl Disk {
                 }
                 // A record damaged in both copies is left as is on disk
                 // (zeros here would mark it free).
-                let rec = recs[idx].unwrap_or(ExtentRecord { seq: 0, owner: None });
+                let rec = recs[idx].unwrap_or(ExtentRecord {
+                    seq: 0,
+                    owner: None,
+                });
                 let at = (i * RECORD_BYTES) as usize;
                 image[at..at + RECORD_BYTES as usize].copy_from_slice(&rec.encode());
             }
@@ -332,11 +373,17 @@ impl Disk {
         };
         let mut image = image;
         for table in [self.layout.table_a, self.layout.table_b] {
-            let (r, img) = self.engine.write_all(self.fd(), table + block_index * BS, image).await;
+            let (r, img) = self
+                .engine
+                .write_all(self.fd(), table + block_index * BS, image)
+                .await;
             image = img;
             r.map_err(|e| self.io("write extent table", e))?;
             // The sync also makes the zeroed checksum entries durable.
-            self.engine.datasync(self.fd()).await.map_err(|e| self.io("sync extent table", e))?;
+            self.engine
+                .datasync(self.fd())
+                .await
+                .map_err(|e| self.io("sync extent table", e))?;
         }
         Ok(())
     }
@@ -357,7 +404,13 @@ impl Disk {
                 s.inflight += 1;
                 continue;
             }
-            st.regions.insert(r, RegionState { inflight: 1, last_gen: 0 });
+            st.regions.insert(
+                r,
+                RegionState {
+                    inflight: 1,
+                    last_gen: 0,
+                },
+            );
             let byte = self.intent_byte(r);
             st.bits[byte as usize] |= 1 << (r % 8);
             let blk = byte / BS;
@@ -384,14 +437,26 @@ impl Disk {
         (region / per_extent) * INTENT_BYTES_PER_EXTENT + (region % per_extent) / 8
     }
 
-    async fn persist_intent_blocks(&self, st: &IntentState, first: u64, last: u64, sync: bool) -> Result<(), StoreError> {
+    async fn persist_intent_blocks(
+        &self,
+        st: &IntentState,
+        first: u64,
+        last: u64,
+        sync: bool,
+    ) -> Result<(), StoreError> {
         let start = (first * BS) as usize;
         let end = ((last + 1) * BS) as usize;
         let buf = AlignedBuf::from_slice(&st.bits[start..end]);
-        let (r, _) = self.engine.write_all(self.fd(), self.layout.intent + start as u64, buf).await;
+        let (r, _) = self
+            .engine
+            .write_all(self.fd(), self.layout.intent + start as u64, buf)
+            .await;
         r.map_err(|e| self.io("write intent bits", e))?;
         if sync {
-            self.engine.datasync(self.fd()).await.map_err(|e| self.io("sync intent bits", e))?;
+            self.engine
+                .datasync(self.fd())
+                .await
+                .map_err(|e| self.io("sync intent bits", e))?;
         }
         Ok(())
     }
@@ -417,12 +482,17 @@ impl Disk {
         let n = len / BS;
         let mut attempt = 0;
         loop {
-            let entries: Vec<CsumEntry> = (first..first + n).map(|b| self.csum_entry(extent, b)).collect();
+            let entries: Vec<CsumEntry> = (first..first + n)
+                .map(|b| self.csum_entry(extent, b))
+                .collect();
             let mut buf = AlignedBuf::zeroed(len as usize);
             if entries.iter().all(|e| !matches!(e, CsumEntry::Data(_))) {
                 return Ok(buf);
             }
-            let (r, b) = self.engine.read_exact(self.fd(), self.layout.extent_offset(extent) + off, buf).await;
+            let (r, b) = self
+                .engine
+                .read_exact(self.fd(), self.layout.extent_offset(extent) + off, buf)
+                .await;
             buf = b;
             r.map_err(|e| self.io("read data", e))?;
             let mut bad = None;
@@ -462,12 +532,21 @@ impl Disk {
     }
 
     /// Write `data` at `off` of `extent`; with `fua` it is durable on return.
-    pub async fn write(&self, extent: u32, off: u64, data: AlignedBuf, fua: bool) -> Result<(), StoreError> {
+    pub async fn write(
+        &self,
+        extent: u32,
+        off: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), StoreError> {
         let len = data.len() as u64;
         self.check_range(extent, off, len);
         let crcs: Vec<u32> = data.chunks(BLOCK_SIZE).map(crc32c).collect();
         self.begin_write(extent, off, len).await?;
-        let (r, _) = self.engine.write_all(self.fd(), self.layout.extent_offset(extent) + off, data).await;
+        let (r, _) = self
+            .engine
+            .write_all(self.fd(), self.layout.extent_offset(extent) + off, data)
+            .await;
         if r.is_ok() {
             let first = off / BS;
             for (i, c) in crcs.iter().enumerate() {
@@ -486,7 +565,10 @@ impl Disk {
     /// them allocated. Durable at the next sync.
     pub fn set_blocks(&self, extent: u32, off: u64, len: u64, state: CsumEntry) {
         self.check_range(extent, off, len);
-        assert!(!matches!(state, CsumEntry::Data(_)), "set_blocks takes Hole or Zero");
+        assert!(
+            !matches!(state, CsumEntry::Data(_)),
+            "set_blocks takes Hole or Zero"
+        );
         for b in off / BS..(off + len) / BS {
             self.set_entry(extent, b, state);
         }
@@ -500,7 +582,10 @@ impl Disk {
             st.generation += 1;
             st.generation - 1
         };
-        self.engine.datasync(self.fd()).await.map_err(|e| self.io("fdatasync", e))?;
+        self.engine
+            .datasync(self.fd())
+            .await
+            .map_err(|e| self.io("fdatasync", e))?;
         let mut st = self.intent.lock().await;
         let idle: Vec<u64> = st
             .regions
@@ -525,7 +610,10 @@ impl Disk {
 
     /// Flush everything and clear every intent bit (clean shutdown).
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.engine.datasync(self.fd()).await.map_err(|e| self.io("fdatasync", e))?;
+        self.engine
+            .datasync(self.fd())
+            .await
+            .map_err(|e| self.io("fdatasync", e))?;
         let mut st = self.intent.lock().await;
         if st.regions.values().any(|s| s.inflight > 0) {
             return Ok(());
@@ -539,7 +627,11 @@ impl Disk {
     /// After an unclean stop: recompute the checksums of every region whose
     /// intent bit is set from the data on disk, then clear the bits.
     async fn recover_intents(&self) -> Result<(), StoreError> {
-        let owned: Vec<bool> = self.records().iter().map(|r| r.is_none_or(|r| r.owner.is_some())).collect();
+        let owned: Vec<bool> = self
+            .records()
+            .iter()
+            .map(|r| r.is_none_or(|r| r.owner.is_some()))
+            .collect();
         let bits = self.intent.lock().await.bits.clone();
         if bits.iter().all(|&b| b == 0) {
             return Ok(());
@@ -582,34 +674,60 @@ impl Disk {
 }
 
 /// Zero the extent tables and intent area of a disk being formatted.
-async fn format_areas(file: &File, engine: &IoEngine, path: &Path, layout: &Layout) -> Result<(), StoreError> {
+async fn format_areas(
+    file: &File,
+    engine: &IoEngine,
+    path: &Path,
+    layout: &Layout,
+) -> Result<(), StoreError> {
     const CHUNK: u64 = 1 << 20;
     let mut off = layout.table_a;
     let end = layout.csum;
     while off < end {
         let n = CHUNK.min(end - off);
-        let (r, _) = engine.write_all(file.as_raw_fd(), off, AlignedBuf::zeroed(n as usize)).await;
+        let (r, _) = engine
+            .write_all(file.as_raw_fd(), off, AlignedBuf::zeroed(n as usize))
+            .await;
         r.map_err(|e| io_err(path, "zero metadata area", e))?;
         off += n;
     }
     Ok(())
 }
 
-async fn write_superblocks(file: &File, engine: &IoEngine, path: &Path, sb: &Superblock) -> Result<(), StoreError> {
+async fn write_superblocks(
+    file: &File,
+    engine: &IoEngine,
+    path: &Path,
+    sb: &Superblock,
+) -> Result<(), StoreError> {
     let image = sb.encode();
     for at in [SB_A_OFFSET, SB_B_OFFSET] {
-        let (r, _) = engine.write_all(file.as_raw_fd(), at, AlignedBuf::from_slice(&image)).await;
+        let (r, _) = engine
+            .write_all(file.as_raw_fd(), at, AlignedBuf::from_slice(&image))
+            .await;
         r.map_err(|e| io_err(path, "write superblock", e))?;
-        engine.datasync(file.as_raw_fd()).await.map_err(|e| io_err(path, "sync superblock", e))?;
+        engine
+            .datasync(file.as_raw_fd())
+            .await
+            .map_err(|e| io_err(path, "sync superblock", e))?;
     }
     Ok(())
 }
 
-async fn load_records(file: &File, engine: &IoEngine, path: &Path, layout: &Layout) -> Result<Vec<Option<ExtentRecord>>, StoreError> {
+async fn load_records(
+    file: &File,
+    engine: &IoEngine,
+    path: &Path,
+    layout: &Layout,
+) -> Result<Vec<Option<ExtentRecord>>, StoreError> {
     let mut tables = Vec::new();
     for at in [layout.table_a, layout.table_b] {
         let (r, buf) = engine
-            .read_exact(file.as_raw_fd(), at, AlignedBuf::zeroed(layout.table_bytes as usize))
+            .read_exact(
+                file.as_raw_fd(),
+                at,
+                AlignedBuf::zeroed(layout.table_bytes as usize),
+            )
             .await;
         r.map_err(|e| io_err(path, "read extent table", e))?;
         tables.push(buf);

@@ -330,9 +330,16 @@ mod tests {
 
     #[test]
     fn layout_fits_disk_and_aligns_areas() {
-        for (disk, ext) in [(64 * MIB, 4 * MIB), (4096 * MIB, 256 * MIB), (1 << 40, 256 * MIB)] {
+        for (disk, ext) in [
+            (64 * MIB, 4 * MIB),
+            (4096 * MIB, 256 * MIB),
+            (1 << 40, 256 * MIB),
+        ] {
             let l = Layout::compute(disk, ext).expect("layout");
-            assert!(l.data + l.extent_count * ext <= disk, "{disk}/{ext}: data past end");
+            assert!(
+                l.data + l.extent_count * ext <= disk,
+                "{disk}/{ext}: data past end"
+            );
             assert_eq!(l.data % MIB, 0);
             assert!(l.table_a >= HEADER_BYTES && l.table_b >= l.table_a + l.extent_count * 64);
             assert!(l.csum >= l.intent + l.extent_count * 64);

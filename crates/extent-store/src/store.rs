@@ -58,7 +58,9 @@ impl Store {
     /// Open every disk of `cfg`, formatting blank ones into the pool.
     pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
         if cfg.disks.is_empty() {
-            return Err(StoreError::Config("no disks given (use --disk PATH)".into()));
+            return Err(StoreError::Config(
+                "no disks given (use --disk PATH)".into(),
+            ));
         }
         let opts = DiskOptions {
             pool_id: cfg.pool_id,
@@ -149,8 +151,12 @@ impl Store {
                     let fb = free[b].len() as u128 * self.disks[a].layout.extent_count as u128;
                     fa.cmp(&fb).then(b.cmp(&a))
                 })
-                .ok_or(StoreError::Full { disks: self.disks.len() })?;
-            let extent = free[best].pop().ok_or(StoreError::Full { disks: self.disks.len() })?;
+                .ok_or(StoreError::Full {
+                    disks: self.disks.len(),
+                })?;
+            let extent = free[best].pop().ok_or(StoreError::Full {
+                disks: self.disks.len(),
+            })?;
             ExtentAddr {
                 disk: best as u16,
                 extent,
@@ -175,11 +181,22 @@ impl Store {
         Ok(())
     }
 
-    pub async fn read(&self, addr: ExtentAddr, off: u64, len: u64) -> Result<AlignedBuf, StoreError> {
+    pub async fn read(
+        &self,
+        addr: ExtentAddr,
+        off: u64,
+        len: u64,
+    ) -> Result<AlignedBuf, StoreError> {
         self.disk(addr).read(addr.extent, off, len).await
     }
 
-    pub async fn write(&self, addr: ExtentAddr, off: u64, data: AlignedBuf, fua: bool) -> Result<(), StoreError> {
+    pub async fn write(
+        &self,
+        addr: ExtentAddr,
+        off: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), StoreError> {
         self.disk(addr).write(addr.extent, off, data, fua).await
     }
 
@@ -191,12 +208,17 @@ impl Store {
     pub fn block_states(&self, addr: ExtentAddr, off: u64, len: u64) -> Vec<CsumEntry> {
         let bs = block_api::BLOCK_SIZE as u64;
         let d = self.disk(addr);
-        (off / bs..(off + len).div_ceil(bs)).map(|b| d.csum_entry(addr.extent, b)).collect()
+        (off / bs..(off + len).div_ceil(bs))
+            .map(|b| d.csum_entry(addr.extent, b))
+            .collect()
     }
 
     /// Make every completed write on the given disks durable.
     pub async fn sync_disks(&self, disks: impl IntoIterator<Item = u16>) -> Result<(), StoreError> {
-        let futs: Vec<_> = disks.into_iter().map(|d| self.disks[d as usize].sync()).collect();
+        let futs: Vec<_> = disks
+            .into_iter()
+            .map(|d| self.disks[d as usize].sync())
+            .collect();
         for r in futures::future::join_all(futs).await {
             r?;
         }

@@ -15,17 +15,35 @@ const SLABS: u64 = 6;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { slab: u64, block: u64, blocks: u64, seed: u8 },
-    Read { slab: u64, block: u64, blocks: u64 },
-    Trim { slab: u64, block: u64, blocks: u64 },
-    Zero { slab: u64, block: u64, blocks: u64 },
+    Write {
+        slab: u64,
+        block: u64,
+        blocks: u64,
+        seed: u8,
+    },
+    Read {
+        slab: u64,
+        block: u64,
+        blocks: u64,
+    },
+    Trim {
+        slab: u64,
+        block: u64,
+        blocks: u64,
+    },
+    Zero {
+        slab: u64,
+        block: u64,
+        blocks: u64,
+    },
     Flush,
     CleanRestart,
     UncleanRestart,
 }
 
 fn range() -> impl Strategy<Value = (u64, u64, u64)> {
-    (0..SLABS, 0..EXTENT / BS).prop_flat_map(|(s, b)| (Just(s), Just(b), 1..=(EXTENT / BS - b).min(64)))
+    (0..SLABS, 0..EXTENT / BS)
+        .prop_flat_map(|(s, b)| (Just(s), Just(b), 1..=(EXTENT / BS - b).min(64)))
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -41,7 +59,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn pattern(seed: u8, block: u64) -> Vec<u8> {
-    (0..BS).map(|i| seed.wrapping_add((i as u8) ^ (block as u8))).collect()
+    (0..BS)
+        .map(|i| seed.wrapping_add((i as u8) ^ (block as u8)))
+        .collect()
 }
 
 struct Harness {
@@ -53,7 +73,11 @@ struct Harness {
 impl Harness {
     async fn open(cfg: StoreConfig) -> Harness {
         let store = Store::open(&cfg).await.expect("open store");
-        let map = store.owned_extents().into_iter().map(|(o, a)| (o.slab, a)).collect();
+        let map = store
+            .owned_extents()
+            .into_iter()
+            .map(|(o, a)| (o.slab, a))
+            .collect();
         Harness { cfg, store, map }
     }
 
@@ -61,7 +85,12 @@ impl Harness {
         if let Some(a) = self.map.get(&slab) {
             return *a;
         }
-        let owner = ExtentOwner { volume_id: 1, slab, shard: 0, epoch: 1 };
+        let owner = ExtentOwner {
+            volume_id: 1,
+            slab,
+            shard: 0,
+            epoch: 1,
+        };
         let a = self.store.allocate(owner).await.expect("allocate");
         self.map.insert(slab, a);
         a
@@ -83,7 +112,12 @@ async fn run(ops: Vec<Op>, engine: EngineChoice) {
     let mut model: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for op in ops {
         match op {
-            Op::Write { slab, block, blocks, seed } => {
+            Op::Write {
+                slab,
+                block,
+                blocks,
+                seed,
+            } => {
                 let a = h.addr(slab).await;
                 let mut buf = AlignedBuf::zeroed((blocks * BS) as usize);
                 for i in 0..blocks {
@@ -91,28 +125,59 @@ async fn run(ops: Vec<Op>, engine: EngineChoice) {
                     buf[(i * BS) as usize..((i + 1) * BS) as usize].copy_from_slice(&p);
                     model.insert((slab, block + i), p);
                 }
-                h.store.write(a, block * BS, buf, seed % 7 == 0).await.expect("write");
+                h.store
+                    .write(a, block * BS, buf, seed % 7 == 0)
+                    .await
+                    .expect("write");
             }
-            Op::Read { slab, block, blocks } => {
+            Op::Read {
+                slab,
+                block,
+                blocks,
+            } => {
                 let Some(&a) = h.map.get(&slab) else { continue };
-                let got = h.store.read(a, block * BS, blocks * BS).await.expect("read");
+                let got = h
+                    .store
+                    .read(a, block * BS, blocks * BS)
+                    .await
+                    .expect("read");
                 for i in 0..blocks {
-                    let want = model.get(&(slab, block + i)).cloned().unwrap_or_else(|| vec![0; BS as usize]);
+                    let want = model
+                        .get(&(slab, block + i))
+                        .cloned()
+                        .unwrap_or_else(|| vec![0; BS as usize]);
                     assert!(
                         got[(i * BS) as usize..((i + 1) * BS) as usize] == want[..],
-                        "slab {slab} block {} differs from the model", block + i
+                        "slab {slab} block {} differs from the model",
+                        block + i
                     );
                 }
             }
-            Op::Trim { slab, block, blocks } | Op::Zero { slab, block, blocks } => {
+            Op::Trim {
+                slab,
+                block,
+                blocks,
+            }
+            | Op::Zero {
+                slab,
+                block,
+                blocks,
+            } => {
                 let Some(&a) = h.map.get(&slab) else { continue };
-                let state = if matches!(op, Op::Trim { .. }) { CsumEntry::Hole } else { CsumEntry::Zero };
+                let state = if matches!(op, Op::Trim { .. }) {
+                    CsumEntry::Hole
+                } else {
+                    CsumEntry::Zero
+                };
                 h.store.set_blocks(a, block * BS, blocks * BS, state);
                 for i in 0..blocks {
                     model.remove(&(slab, block + i));
                 }
                 let states = h.store.block_states(a, block * BS, blocks * BS);
-                assert!(states.iter().all(|s| *s == state), "trim/zero state not reported");
+                assert!(
+                    states.iter().all(|s| *s == state),
+                    "trim/zero state not reported"
+                );
             }
             Op::Flush => h.store.sync_all().await.expect("flush"),
             Op::CleanRestart => {
@@ -139,7 +204,10 @@ async fn run(ops: Vec<Op>, engine: EngineChoice) {
     for ((slab, block), want) in &model {
         let a = h.map[slab];
         let got = h.store.read(a, block * BS, BS).await.expect("final read");
-        assert!(got[..] == want[..], "after restart slab {slab} block {block} differs");
+        assert!(
+            got[..] == want[..],
+            "after restart slab {slab} block {block} differs"
+        );
     }
 }
 

@@ -66,7 +66,13 @@ impl Catalog {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(CatalogError::Io { path, what: "read", source: e }),
+            Err(e) => {
+                return Err(CatalogError::Io {
+                    path,
+                    what: "read",
+                    source: e,
+                });
+            }
         };
         let c: Catalog = serde_json::from_str(&text).map_err(|e| CatalogError::Damaged {
             path: path.clone(),
@@ -90,7 +96,8 @@ impl Catalog {
             what,
             source,
         };
-        let text = serde_json::to_vec_pretty(self).map_err(|e| io("encode", std::io::Error::other(e)))?;
+        let text =
+            serde_json::to_vec_pretty(self).map_err(|e| io("encode", std::io::Error::other(e)))?;
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(|e| io("create temporary file", e))?;
@@ -128,7 +135,10 @@ mod tests {
         c.next_volume_id = 2;
         c.save(dir.path()).expect("save again");
         assert_eq!(Catalog::load(dir.path()).expect("load"), Some(c));
-        assert!(!dir.path().join("catalog.json.tmp").exists(), "temporary file left behind");
+        assert!(
+            !dir.path().join("catalog.json.tmp").exists(),
+            "temporary file left behind"
+        );
     }
 
     #[test]

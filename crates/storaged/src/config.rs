@@ -72,8 +72,14 @@ impl Config {
             .data_dir
             .or(file.data_dir)
             .context("no data dir: pass --data-dir DIR or set data-dir in the config file")?;
-        let listen = flags.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let nbd_listen = flags.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let nbd_listen = flags
+            .nbd_listen
+            .or(file.nbd_listen)
+            .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
         let disks = if flags.disks.is_empty() {
             file.disks.unwrap_or_default()
         } else {
@@ -122,12 +128,14 @@ impl Config {
 }
 
 fn parse_addr(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
-    s.parse()
-        .with_context(|| format!("bad {flag} address {s:?}: expected IP:PORT such as 127.0.0.1:7001"))
+    s.parse().with_context(|| {
+        format!("bad {flag} address {s:?}: expected IP:PORT such as 127.0.0.1:7001")
+    })
 }
 
 fn read_file(p: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read config file {}", p.display()))?;
     toml::from_str(&text).with_context(|| format!("bad config file {}", p.display()))
 }
 
@@ -163,20 +171,40 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("s.toml");
         std::fs::write(&p, "data-dir = \"/d\"\nunknown-key = 1\n").expect("write");
-        let e = Config::load(FlagConfig { config: Some(p), ..Default::default() }).unwrap_err();
+        let e = Config::load(FlagConfig {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
         let base = FlagConfig {
             data_dir: Some("/d".into()),
             disks: vec!["/a".into()],
             ..Default::default()
         };
-        let e = Config::load(FlagConfig { disk_size: Some("lots".into()), ..base.clone() }).unwrap_err();
+        let e = Config::load(FlagConfig {
+            disk_size: Some("lots".into()),
+            ..base.clone()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("bad disk size"), "{e}");
-        let e = Config::load(FlagConfig { io_engine: Some("fast".into()), ..base.clone() }).unwrap_err();
+        let e = Config::load(FlagConfig {
+            io_engine: Some("fast".into()),
+            ..base.clone()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("unknown io engine"), "{e}");
-        let e = Config::load(FlagConfig { listen: Some("nowhere".into()), ..base.clone() }).unwrap_err();
+        let e = Config::load(FlagConfig {
+            listen: Some("nowhere".into()),
+            ..base.clone()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("--listen"), "{e}");
-        let e = Config::load(FlagConfig { disks: vec![], ..base }).unwrap_err();
+        let e = Config::load(FlagConfig {
+            disks: vec![],
+            ..base
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("no disks"), "{e}");
     }
 }

@@ -45,9 +45,9 @@ fn status(e: ManagerError) -> Status {
     match e {
         ManagerError::NotFound(_) => Status::not_found(msg),
         ManagerError::NameTaken(_) => Status::already_exists(msg),
-        ManagerError::BadName { .. } | ManagerError::BadSize { .. } | ManagerError::UnknownResiliency(_) => {
-            Status::invalid_argument(msg)
-        }
+        ManagerError::BadName { .. }
+        | ManagerError::BadSize { .. }
+        | ManagerError::UnknownResiliency(_) => Status::invalid_argument(msg),
         ManagerError::Resiliency(_) => Status::failed_precondition(msg),
         ManagerError::PoolFull { .. } => Status::resource_exhausted(msg),
         ManagerError::Catalog(_) | ManagerError::Store(_) => {
@@ -59,9 +59,16 @@ fn status(e: ManagerError) -> Status {
 
 #[tonic::async_trait]
 impl VolumeService for ControlService {
-    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<Volume>, Status> {
+    async fn create_volume(
+        &self,
+        req: Request<CreateVolumeRequest>,
+    ) -> Result<Response<Volume>, Status> {
         let r = req.into_inner();
-        let resiliency = if r.resiliency.is_empty() { "simple" } else { &r.resiliency };
+        let resiliency = if r.resiliency.is_empty() {
+            "simple"
+        } else {
+            &r.resiliency
+        };
         let info = self
             .manager
             .create(&r.name, r.size_bytes, resiliency)
@@ -71,24 +78,47 @@ impl VolumeService for ControlService {
         Ok(Response::new(self.volume(info)))
     }
 
-    async fn list_volumes(&self, _req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
-        let volumes = self.manager.list().await.into_iter().map(|i| self.volume(i)).collect();
+    async fn list_volumes(
+        &self,
+        _req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let volumes = self
+            .manager
+            .list()
+            .await
+            .into_iter()
+            .map(|i| self.volume(i))
+            .collect();
         Ok(Response::new(ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, req: Request<GetVolumeRequest>) -> Result<Response<Volume>, Status> {
-        let info = self.manager.show(&req.into_inner().name).await.map_err(status)?;
+        let info = self
+            .manager
+            .show(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(self.volume(info)))
     }
 
-    async fn resize_volume(&self, req: Request<ResizeVolumeRequest>) -> Result<Response<Volume>, Status> {
+    async fn resize_volume(
+        &self,
+        req: Request<ResizeVolumeRequest>,
+    ) -> Result<Response<Volume>, Status> {
         let r = req.into_inner();
-        let info = self.manager.resize(&r.name, r.size_bytes).await.map_err(status)?;
+        let info = self
+            .manager
+            .resize(&r.name, r.size_bytes)
+            .await
+            .map_err(status)?;
         tracing::info!(volume = %r.name, size = r.size_bytes, "volume resized");
         Ok(Response::new(self.volume(info)))
     }
 
-    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        req: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let name = req.into_inner().name;
         self.manager.delete(&name).await.map_err(status)?;
         tracing::info!(volume = %name, "volume deleted");
@@ -98,7 +128,10 @@ impl VolumeService for ControlService {
 
 #[tonic::async_trait]
 impl PoolService for ControlService {
-    async fn pool_status(&self, _req: Request<PoolStatusRequest>) -> Result<Response<PoolStatusResponse>, Status> {
+    async fn pool_status(
+        &self,
+        _req: Request<PoolStatusRequest>,
+    ) -> Result<Response<PoolStatusResponse>, Status> {
         let cat = self.manager.catalog().await;
         let es = cat.extent_size;
         let disks: Vec<Disk> = self

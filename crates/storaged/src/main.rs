@@ -24,7 +24,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "storaged", version, about = "s2d storage daemon: pools local disks and serves volumes over NBD")]
+#[command(
+    name = "storaged",
+    version,
+    about = "s2d storage daemon: pools local disks and serves volumes over NBD"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -110,7 +114,10 @@ fn check(disks: &[PathBuf]) -> i32 {
                     );
                 }
                 for e in &r.damaged_records {
-                    println!("{}: extent {e}: record damaged in both table copies", d.display());
+                    println!(
+                        "{}: extent {e}: record damaged in both table copies",
+                        d.display()
+                    );
                 }
                 if !r.extents_with_intent.is_empty() {
                     println!(
@@ -143,7 +150,8 @@ fn check(disks: &[PathBuf]) -> i32 {
 /// two storaged processes never share a pool's disks.
 fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     let path = dir.join("LOCK");
-    let f = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let f = std::fs::File::create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!("data dir {} is in use by another storaged", dir.display());
@@ -163,7 +171,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         io_engine: cli.io_engine,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
-        bail!("{} disks given; a node takes at most {}", cfg.disks.len(), volume::DISKS_MAX);
+        bail!(
+            "{} disks given; a node takes at most {}",
+            cfg.disks.len(),
+            volume::DISKS_MAX
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -206,7 +218,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     })
     .await?;
     let store = Arc::new(store);
-    let manager = Arc::new(manager::Manager::open(cfg.data_dir.clone(), catalog, store.clone()).await?);
+    let manager =
+        Arc::new(manager::Manager::open(cfg.data_dir.clone(), catalog, store.clone()).await?);
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

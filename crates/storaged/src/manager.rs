@@ -32,7 +32,9 @@ pub enum ManagerError {
     BadName { name: String, why: &'static str },
     #[error("bad size {size}: {why}")]
     BadSize { size: u64, why: String },
-    #[error("resiliency {0} is not possible here: this node stores simple volumes only (mirrors and parity need a cluster)")]
+    #[error(
+        "resiliency {0} is not possible here: this node stores simple volumes only (mirrors and parity need a cluster)"
+    )]
     Resiliency(String),
     #[error("unknown resiliency {0:?}: use simple, mirror-2, mirror-3 or parity-K+M")]
     UnknownResiliency(String),
@@ -71,7 +73,10 @@ fn validate_name(name: &str) -> Result<(), ManagerError> {
     if name.is_empty() || name.len() > VOLUME_NAME_MAX {
         return bad("must be 1 to 64 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
         return bad("use letters, digits, '-', '_' and '.' only");
     }
     if name.starts_with(['-', '.']) {
@@ -105,7 +110,11 @@ fn validate_resiliency(r: &str) -> Result<(), ManagerError> {
 impl Manager {
     /// Build the manager from the catalog and the store's extent tables,
     /// releasing extents no volume owns any more.
-    pub async fn open(data_dir: PathBuf, catalog: Catalog, store: Arc<Store>) -> Result<Manager, ManagerError> {
+    pub async fn open(
+        data_dir: PathBuf,
+        catalog: Catalog,
+        store: Arc<Store>,
+    ) -> Result<Manager, ManagerError> {
         let es = store.extent_size();
         let mut by_volume: HashMap<u64, Vec<(u64, ExtentAddr)>> = HashMap::new();
         let mut orphans = Vec::new();
@@ -124,7 +133,10 @@ impl Manager {
         let mut volumes = BTreeMap::new();
         for v in &catalog.volumes {
             let extents = by_volume.remove(&v.id).unwrap_or_default();
-            volumes.insert(v.name.clone(), Volume::start(v.name.clone(), v.id, v.size, store.clone(), extents));
+            volumes.insert(
+                v.name.clone(),
+                Volume::start(v.name.clone(), v.id, v.size, store.clone(), extents),
+            );
         }
         Ok(Manager {
             data_dir,
@@ -154,7 +166,12 @@ impl Manager {
         })
     }
 
-    pub async fn create(&self, name: &str, size: u64, resiliency: &str) -> Result<VolumeInfo, ManagerError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        size: u64,
+        resiliency: &str,
+    ) -> Result<VolumeInfo, ManagerError> {
         validate_name(name)?;
         validate_size(size)?;
         validate_resiliency(resiliency)?;
@@ -177,7 +194,13 @@ impl Manager {
         next.volumes.push(rec.clone());
         next.save(&self.data_dir)?;
         *cat = next;
-        let vol = Volume::start(rec.name.clone(), rec.id, size, self.store.clone(), Vec::new());
+        let vol = Volume::start(
+            rec.name.clone(),
+            rec.id,
+            size,
+            self.store.clone(),
+            Vec::new(),
+        );
         self.volumes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -187,7 +210,14 @@ impl Manager {
     }
 
     pub async fn list(&self) -> Vec<VolumeInfo> {
-        let names: Vec<String> = self.catalog.lock().await.volumes.iter().map(|v| v.name.clone()).collect();
+        let names: Vec<String> = self
+            .catalog
+            .lock()
+            .await
+            .volumes
+            .iter()
+            .map(|v| v.name.clone())
+            .collect();
         let mut out = Vec::new();
         for n in names {
             if let Ok(i) = self.show(&n).await {
@@ -245,7 +275,10 @@ impl Manager {
         next.volumes.retain(|v| v.name != name);
         next.save(&self.data_dir)?;
         *cat = next;
-        self.volumes.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         vol.delete().await?;
         Ok(())
     }
@@ -258,7 +291,11 @@ impl Manager {
 #[async_trait::async_trait]
 impl VolumeProvider for Manager {
     async fn list(&self) -> Vec<VolumeSummary> {
-        let vols = self.volumes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let vols = self
+            .volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         vols.values()
             .map(|v| VolumeSummary {
                 name: v.name().to_string(),
@@ -290,7 +327,13 @@ mod tests {
             assert!(validate_size(bad).is_err(), "{bad} accepted");
         }
         assert!(validate_resiliency("simple").is_ok());
-        assert!(matches!(validate_resiliency("mirror-3"), Err(ManagerError::Resiliency(_))));
-        assert!(matches!(validate_resiliency("raid5"), Err(ManagerError::UnknownResiliency(_))));
+        assert!(matches!(
+            validate_resiliency("mirror-3"),
+            Err(ManagerError::Resiliency(_))
+        ));
+        assert!(matches!(
+            validate_resiliency("raid5"),
+            Err(ManagerError::UnknownResiliency(_))
+        ));
     }
 }

@@ -82,7 +82,9 @@ fn slab_count(size: u64, extent_size: u64) -> usize {
 
 fn store_err(e: StoreError) -> BlockError {
     match e {
-        StoreError::Checksum { disk_offset, .. } => BlockError::Checksum { offset: disk_offset },
+        StoreError::Checksum { disk_offset, .. } => BlockError::Checksum {
+            offset: disk_offset,
+        },
         StoreError::Full { .. } => BlockError::Io(e.to_string()),
         e => BlockError::Io(e.to_string()),
     }
@@ -123,7 +125,13 @@ impl Volume {
             deleted: false,
         }));
         let (tx, rx) = mpsc::channel(COORD_QUEUE);
-        tokio::spawn(coordinator(id, name.clone(), store.clone(), state.clone(), rx));
+        tokio::spawn(coordinator(
+            id,
+            name.clone(),
+            store.clone(),
+            state.clone(),
+            rx,
+        ));
         Arc::new(Volume {
             name,
             extent_size,
@@ -132,7 +140,9 @@ impl Volume {
             gate: RwLock::new(()),
             coord: tx,
             touched: AtomicU64::new(touched),
-            rmw: (0..RMW_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            rmw: (0..RMW_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         })
     }
 
@@ -152,7 +162,12 @@ impl Volume {
         let _drain = self.gate.write().await;
         self.ask(|reply| CoordMsg::Resize { size, reply })
             .await
-            .unwrap_or_else(|| Err(StoreError::Config(format!("volume {} is shut down", self.name))))
+            .unwrap_or_else(|| {
+                Err(StoreError::Config(format!(
+                    "volume {} is shut down",
+                    self.name
+                )))
+            })
     }
 
     /// Release every extent; the volume answers every later request with
@@ -161,7 +176,12 @@ impl Volume {
         let _drain = self.gate.write().await;
         self.ask(|reply| CoordMsg::Delete { reply })
             .await
-            .unwrap_or_else(|| Err(StoreError::Config(format!("volume {} is shut down", self.name))))
+            .unwrap_or_else(|| {
+                Err(StoreError::Config(format!(
+                    "volume {} is shut down",
+                    self.name
+                )))
+            })
     }
 
     fn check(&self, st: &VolumeState, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -197,7 +217,11 @@ impl Volume {
         out
     }
 
-    async fn extent_for_write(&self, st: &VolumeState, slab: u64) -> Result<ExtentAddr, BlockError> {
+    async fn extent_for_write(
+        &self,
+        st: &VolumeState,
+        slab: u64,
+    ) -> Result<ExtentAddr, BlockError> {
         if let Some(Some(a)) = st.slabs.get(slab as usize) {
             return Ok(*a);
         }
@@ -216,11 +240,19 @@ impl Volume {
     }
 
     async fn sync(&self) -> Result<(), BlockError> {
-        self.store.sync_disks(self.touched_disks()).await.map_err(store_err)
+        self.store
+            .sync_disks(self.touched_disks())
+            .await
+            .map_err(store_err)
     }
 
     /// Read a block-aligned range.
-    async fn read_aligned(&self, st: &VolumeState, offset: u64, len: u64) -> Result<AlignedBuf, BlockError> {
+    async fn read_aligned(
+        &self,
+        st: &VolumeState,
+        offset: u64,
+        len: u64,
+    ) -> Result<AlignedBuf, BlockError> {
         let pieces = self.pieces(offset, len);
         if let [p] = pieces[..] {
             return match st.slabs[p.slab as usize] {
@@ -245,19 +277,31 @@ impl Volume {
     }
 
     /// Write a block-aligned buffer.
-    async fn write_aligned(&self, st: &VolumeState, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
+    async fn write_aligned(
+        &self,
+        st: &VolumeState,
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), BlockError> {
         let pieces = self.pieces(offset, data.len() as u64);
         if let [p] = pieces[..] {
             let a = self.extent_for_write(st, p.slab).await?;
             self.touch(a);
-            self.store.write(a, p.off, data, false).await.map_err(store_err)?;
+            self.store
+                .write(a, p.off, data, false)
+                .await
+                .map_err(store_err)?;
         } else {
             let writes = pieces.iter().map(|p| {
                 let buf = AlignedBuf::from_slice(&data[p.at as usize..(p.at + p.len) as usize]);
                 async move {
                     let a = self.extent_for_write(st, p.slab).await?;
                     self.touch(a);
-                    self.store.write(a, p.off, buf, false).await.map_err(store_err)
+                    self.store
+                        .write(a, p.off, buf, false)
+                        .await
+                        .map_err(store_err)
                 }
             });
             for r in futures::future::join_all(writes).await {
@@ -269,7 +313,13 @@ impl Volume {
 
     /// Write at any offset: partial blocks at the edges are merged with the
     /// current contents under the block's RMW lock.
-    async fn write_any(&self, st: &VolumeState, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
+    async fn write_any(
+        &self,
+        st: &VolumeState,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), BlockError> {
         let end = offset + data.len() as u64;
         let a0 = offset / BS * BS;
         let a1 = end.div_ceil(BS) * BS;
@@ -305,19 +355,30 @@ impl Volume {
 
     /// Make `[offset, offset+len)` read as zeros: whole blocks change state
     /// (hole or allocated-zero), partial edge blocks are zeroed in place.
-    async fn zero_range(&self, st: &VolumeState, offset: u64, len: u64, state: CsumEntry, fua: bool) -> Result<(), BlockError> {
+    async fn zero_range(
+        &self,
+        st: &VolumeState,
+        offset: u64,
+        len: u64,
+        state: CsumEntry,
+        fua: bool,
+    ) -> Result<(), BlockError> {
         let end = offset + len;
         let w0 = offset.div_ceil(BS) * BS;
         let w1 = end / BS * BS;
         if w0 >= w1 {
             // No whole block: zero the bytes in place.
-            return self.write_any(st, offset, &vec![0u8; len as usize], fua).await;
+            return self
+                .write_any(st, offset, &vec![0u8; len as usize], fua)
+                .await;
         }
         if offset < w0 {
-            self.write_any(st, offset, &vec![0u8; (w0 - offset) as usize], false).await?;
+            self.write_any(st, offset, &vec![0u8; (w0 - offset) as usize], false)
+                .await?;
         }
         if w1 < end {
-            self.write_any(st, w1, &vec![0u8; (end - w1) as usize], false).await?;
+            self.write_any(st, w1, &vec![0u8; (end - w1) as usize], false)
+                .await?;
         }
         for p in self.pieces(w0, w1 - w0) {
             let addr = match (st.slabs[p.slab as usize], state) {
@@ -390,17 +451,28 @@ impl BlockVolume for Volume {
         if len == 0 {
             return Ok(());
         }
-        self.zero_range(&st, offset, len, CsumEntry::Hole, false).await
+        self.zero_range(&st, offset, len, CsumEntry::Hole, false)
+            .await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> Result<(), BlockError> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), BlockError> {
         let _io = self.gate.read().await;
         let st = self.state.load_full();
         self.check(&st, offset, len)?;
         if len == 0 {
             return Ok(());
         }
-        let state = if may_unmap { CsumEntry::Hole } else { CsumEntry::Zero };
+        let state = if may_unmap {
+            CsumEntry::Hole
+        } else {
+            CsumEntry::Zero
+        };
         self.zero_range(&st, offset, len, state, fua).await
     }
 
@@ -427,7 +499,8 @@ impl BlockVolume for Volume {
                 Some(addr) => {
                     let off = pos % self.extent_size;
                     let base = pos / BS * BS;
-                    let blocks = ((slab_end - base).div_ceil(BS)).min(STATUS_BLOCKS_MAX - inspected);
+                    let blocks =
+                        ((slab_end - base).div_ceil(BS)).min(STATUS_BLOCKS_MAX - inspected);
                     let states = self.store.block_states(addr, off / BS * BS, blocks * BS);
                     inspected += states.len() as u64;
                     for (i, s) in states.iter().enumerate() {
@@ -485,7 +558,9 @@ async fn coordinator(
                                 state.store(Arc::new(cur.clone()));
                                 Ok(a)
                             }
-                            Err(StoreError::Full { .. }) => Err(BlockError::NoSpace { volume: name.clone() }),
+                            Err(StoreError::Full { .. }) => Err(BlockError::NoSpace {
+                                volume: name.clone(),
+                            }),
                             Err(e) => Err(store_err(e)),
                         }
                     }
