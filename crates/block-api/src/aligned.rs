@@ -58,7 +58,11 @@ impl AlignedBuf {
     /// # Panics
     /// When `len` exceeds the capacity (a programming error).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "AlignedBuf::set_len {len} > capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "AlignedBuf::set_len {len} > capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 

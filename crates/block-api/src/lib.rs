@@ -47,9 +47,9 @@ impl BlockError {
     /// The Linux errno a front end should report for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            BlockError::OutOfRange { .. } => 22, // EINVAL
+            BlockError::OutOfRange { .. } => 22,                  // EINVAL
             BlockError::Checksum { .. } | BlockError::Io(_) => 5, // EIO
-            BlockError::NoSpace { .. } => 28,    // ENOSPC
+            BlockError::NoSpace { .. } => 28,                     // ENOSPC
             BlockError::NotFound(_) | BlockError::Gone(_) => 5,
         }
     }
