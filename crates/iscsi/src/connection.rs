@@ -186,6 +186,9 @@ async fn full_feature(
         name: o.initiator_name.clone(),
         isid: o.isid,
     };
+    if let Some(lu) = &lu {
+        lu.nexus_joined(&port);
+    }
     let mut s = Session {
         cfg: cfg.clone(),
         params: p,
@@ -830,12 +833,12 @@ impl Session {
         let (code, waiting, close_after) = match function {
             // ABORT TASK
             1 => {
-                let waiting = if self.tasks.contains_key(&rtt) {
-                    self.abort_tasks(|t| t == rtt)
+                if self.tasks.contains_key(&rtt) {
+                    (0, self.abort_tasks(|t| t == rtt), false)
                 } else {
-                    Vec::new()
-                };
-                (0, waiting, false)
+                    // Already answered (or never seen): task does not exist.
+                    (1, Vec::new(), false)
+                }
             }
             // ABORT TASK SET, CLEAR TASK SET
             2 | 4 => (

@@ -117,11 +117,28 @@ fn conformance_suite_512e() {
     }
     let t = TestTarget::start(&[("vol", 64 * MIB)], TargetConfig::default());
     let out = conformance(&t, "vol", "ALL");
-    assert_suite(&out, 228);
+    assert_suite(&out, 229);
 }
 
 /// The block-I/O families again on a 4 KiB native volume, with CRC32C
 /// header and data digests.
+/// The multipath families: two sessions (paths) to one target, LUN reset
+/// unit attentions on both, COMPARE AND WRITE from both.
+#[test]
+fn conformance_multipath() {
+    if !have("iscsi-test-cu") {
+        return;
+    }
+    let t = TestTarget::start(&[("vol", 64 * MIB)], TargetConfig::default());
+    let url = t.url("vol");
+    let (_, out) = run(
+        "iscsi-test-cu",
+        &["-d", "-t", "ALL.MultipathIO", &url, &url],
+        120,
+    );
+    assert_suite(&out, 4);
+}
+
 #[test]
 fn conformance_suite_4k_native_with_digests() {
     if !have("iscsi-test-cu") {

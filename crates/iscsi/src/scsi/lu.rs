@@ -8,12 +8,17 @@
 //! identifiers (NAA, serial) depend only on the volume name, so they are
 //! stable across restarts and nodes.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use block_api::BlockVolume;
 
+use super::sense::Sense;
 use crate::config::{LogicalBlockSize, target_iqn};
 use crate::reservation::{InitiatorPort, PrState, ReservationStore};
+
+/// Most unit attention conditions queued per I_T nexus.
+const UA_QUEUE_MAX: usize = 4;
 
 /// Changeable mode page settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +45,10 @@ impl Default for ModeState {
 struct LuState {
     reserve6: Option<InitiatorPort>,
     mode: ModeState,
+    /// Logged-in I_T nexuses and their session counts.
+    nexuses: HashMap<InitiatorPort, usize>,
+    /// Pending unit attention conditions per nexus.
+    ua: HashMap<InitiatorPort, VecDeque<Sense>>,
 }
 
 pub struct LogicalUnit {
@@ -150,17 +159,58 @@ impl LogicalUnit {
         })
     }
 
-    /// The I_T nexus of `port` is gone (logout, connection loss).
+    /// A session of `port` reached full feature phase.
+    pub fn nexus_joined(&self, port: &InitiatorPort) {
+        self.with_state(|s| *s.nexuses.entry(port.clone()).or_default() += 1)
+    }
+
+    /// A session of `port` ended (logout, connection loss): with the last
+    /// one the I_T nexus is gone, and its RESERVE(6) and unit attentions
+    /// with it.
     pub fn nexus_lost(&self, port: &InitiatorPort) {
-        self.release6(port);
+        let gone = self.with_state(|s| {
+            let n = s.nexuses.entry(port.clone()).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.nexuses.remove(port);
+                s.ua.remove(port);
+                true
+            } else {
+                false
+            }
+        });
+        if gone {
+            self.release6(port);
+        }
     }
 
     /// LUN reset / target reset: SPC-2 reservations and mode settings go
-    /// back to their defaults; persistent reservations stay.
+    /// back to their defaults (persistent reservations stay) and every
+    /// logged-in nexus gets a unit attention.
     pub fn reset(&self) {
         self.with_state(|s| {
             s.reserve6 = None;
             s.mode = ModeState::default();
+            let ua = Sense::reset_occurred();
+            let ports: Vec<InitiatorPort> = s.nexuses.keys().cloned().collect();
+            for p in ports {
+                let q = s.ua.entry(p).or_default();
+                if q.len() < UA_QUEUE_MAX && !q.contains(&ua) {
+                    q.push_back(ua);
+                }
+            }
+        })
+    }
+
+    /// Take the oldest unit attention pending for `port`.
+    pub fn take_unit_attention(&self, port: &InitiatorPort) -> Option<Sense> {
+        self.with_state(|s| {
+            let q = s.ua.get_mut(port)?;
+            let ua = q.pop_front();
+            if q.is_empty() {
+                s.ua.remove(port);
+            }
+            ua
         })
     }
 

@@ -182,6 +182,13 @@ pub async fn execute(
     if cdb.len() < info.usage.len() {
         return ScsiResponse::check(Sense::invalid_opcode(), d_sense);
     }
+    // A pending unit attention is reported by any command but INQUIRY,
+    // REPORT LUNS and REQUEST SENSE (which returns it as its data).
+    if !matches!(info.opcode, 0x12 | 0xa0 | 0x03)
+        && let Some(ua) = lu.take_unit_attention(&nexus.port)
+    {
+        return ScsiResponse::check(ua, d_sense);
+    }
     if conflicts(lu, nexus, info.opcode, info.access) {
         return ScsiResponse::conflict();
     }
@@ -200,7 +207,7 @@ async fn dispatch(
 ) -> CmdResult {
     match cdb[0] {
         0x00 => Ok(ScsiResponse::good()),
-        0x03 => request_sense(cdb),
+        0x03 => request_sense(lu, nexus, cdb),
         0x12 => inquiry::inquiry(lu, cdb),
         0x15 | 0x55 => mode::mode_select(lu, cdb, data.as_deref().unwrap_or(&[])),
         0x1a | 0x5a => mode::mode_sense(lu, cdb),
@@ -236,11 +243,15 @@ async fn dispatch(
     }
 }
 
-fn request_sense(cdb: &[u8]) -> CmdResult {
-    // No deferred errors are kept: report NO SENSE in the format asked for.
+fn request_sense(lu: &LogicalUnit, nexus: &Nexus, cdb: &[u8]) -> CmdResult {
+    // No deferred errors are kept: report a pending unit attention or NO
+    // SENSE, in the format asked for.
     let desc = cdb[1] & 0x01 != 0;
+    let sense = lu
+        .take_unit_attention(&nexus.port)
+        .unwrap_or_else(Sense::no_sense);
     Ok(ScsiResponse::data_alloc(
-        Sense::no_sense().encode(desc),
+        sense.encode(desc),
         cdb[4] as usize,
     ))
 }

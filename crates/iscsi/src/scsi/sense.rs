@@ -19,6 +19,7 @@ pub const KEY_NOT_READY: u8 = 0x02;
 pub const KEY_MEDIUM_ERROR: u8 = 0x03;
 pub const KEY_HARDWARE_ERROR: u8 = 0x04;
 pub const KEY_ILLEGAL_REQUEST: u8 = 0x05;
+pub const KEY_UNIT_ATTENTION: u8 = 0x06;
 pub const KEY_DATA_PROTECT: u8 = 0x07;
 pub const KEY_ABORTED_COMMAND: u8 = 0x0b;
 pub const KEY_MISCOMPARE: u8 = 0x0e;
@@ -111,6 +112,10 @@ impl Sense {
     /// in order.
     pub fn data_phase_error() -> Self {
         Self::new(KEY_ABORTED_COMMAND, 0x4b, 0x00)
+    }
+    /// UNIT ATTENTION / BUS DEVICE RESET FUNCTION OCCURRED.
+    pub fn reset_occurred() -> Self {
+        Self::new(KEY_UNIT_ATTENTION, 0x29, 0x03)
     }
     pub fn no_sense() -> Self {
         Self::new(KEY_NO_SENSE, 0, 0)
