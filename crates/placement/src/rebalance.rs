@@ -152,6 +152,10 @@ struct Slot {
     high: u64,
     /// Movable extents here: (slab index, shard).
     residents: Vec<(u32, u8)>,
+    /// `residents[..skip]` could not move to a recent first-choice target;
+    /// the quick search starts after them (the full search does not), so a
+    /// long run of extents that cannot move is not rescanned on every move.
+    skip: usize,
     /// No move out of this disk is possible: given up.
     stuck: bool,
 }
@@ -229,6 +233,7 @@ impl<'a> Balancer<'a> {
                     low: 0,
                     high: 0,
                     residents: Vec::new(),
+                    skip: 0,
                     stuck: false,
                 });
             }
@@ -295,12 +300,11 @@ impl<'a> Balancer<'a> {
         let Some(first_choice) = self.best_target() else {
             return false;
         };
-        let residents = &self.slots[source].residents;
-        let quick = (0..residents.len())
-            .rev()
-            .find(|&pos| self.may_move(residents[pos], first_choice))
-            .map(|pos| (pos, first_choice));
-        let found = quick.or_else(|| self.any_move_from(source));
+        let quick = self.quick_move_from(source, first_choice);
+        let found = quick.or_else(|| {
+            self.slots[source].skip = 0;
+            self.any_move_from(source)
+        });
         match found {
             Some((pos, target)) => self.apply(source, pos, target),
             None => self.slots[source].stuck = true,
@@ -371,6 +375,20 @@ impl<'a> Balancer<'a> {
         best.map(|(_, i)| i)
     }
 
+    /// A resident of `source` that may move to `target`, scanning from the
+    /// skip mark and advancing it past those that may not.
+    fn quick_move_from(&mut self, source: usize, target: usize) -> Option<(usize, usize)> {
+        let slot = &self.slots[source];
+        let (start, len) = (slot.skip, slot.residents.len());
+        for pos in start..len {
+            if self.may_move(self.slots[source].residents[pos], target) {
+                return Some((pos, target));
+            }
+            self.slots[source].skip = pos + 1;
+        }
+        None
+    }
+
     /// Any (resident position, target) pair out of `source`, trying targets
     /// emptiest first.
     fn any_move_from(&self, source: usize) -> Option<(usize, usize)> {
@@ -383,7 +401,7 @@ impl<'a> Balancer<'a> {
             .collect();
         targets.sort();
         let residents = &self.slots[source].residents;
-        (0..residents.len()).rev().find_map(|pos| {
+        (0..residents.len()).find_map(|pos| {
             targets
                 .iter()
                 .find(|&&(_, t)| self.may_move(residents[pos], t))
@@ -409,7 +427,10 @@ impl<'a> Balancer<'a> {
             self.excess_total -= self.slots[i].excess();
             self.deficit_total -= self.slots[i].deficit();
         }
+        // The last resident takes `pos`; it was not skipped (pos >= skip).
         let (slab, shard) = self.slots[source].residents.swap_remove(pos);
+        let source_slot = &mut self.slots[source];
+        source_slot.skip = source_slot.skip.min(source_slot.residents.len());
         self.slots[source].count -= 1;
         self.slots[target].count += 1;
         self.slots[target].residents.push((slab, shard));

@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::PlacementError;
-use crate::select::{Mask, bit, pick_nodes};
+use crate::select::{Mask, bit, distinct_level, pick_node, pick_nodes};
 use crate::slab::{Loc, Slab, SlabTable};
 use crate::topology::{CopyState, DomainLevel, ExtentLocation, NodeId, SlabId, Topology};
 use crate::traffic::{NodeTraffic, TrafficCounter};
@@ -186,28 +186,45 @@ impl Planner {
         }
         // Lost extents first: they are the ones redundancy is missing.
         let replace: Vec<usize> = lost.iter().chain(&leaving).copied().collect();
-
-        let (level, homes) = self.find_homes(locs, &kept, replace.len());
-        let placed = homes.len();
-        if placed < replace.len() {
-            let reason = self.why_unplaced(slab, locs, &kept, &homes, replace.len() - placed);
+        let homes = self.find_homes(locs, &states, &replace);
+        let placed: Vec<(usize, usize)> = replace
+            .iter()
+            .zip(&homes)
+            .filter_map(|(&shard, home)| home.map(|ni| (shard, ni)))
+            .collect();
+        let unplaced: Vec<usize> = replace
+            .iter()
+            .zip(&homes)
+            .filter(|(_, home)| home.is_none())
+            .map(|(&shard, _)| shard)
+            .collect();
+        if !unplaced.is_empty() {
+            let homes: Vec<usize> = placed.iter().map(|&(_, ni)| ni).collect();
+            let reason = self.why_unplaced(slab, locs, &kept, &unplaced, &homes);
             self.plan.unplaced.push(Unplaced {
                 slab: slab.id,
-                shards: replace[placed..].iter().map(|&s| s as u8).collect(),
+                shards: unplaced.iter().map(|&s| s as u8).collect(),
                 reason,
             });
         }
-        if placed == 0 {
+        if placed.is_empty() {
             return;
         }
+        // The extents the slab names once the task is done.
+        let after = kept
+            .iter()
+            .chain(&unplaced)
+            .map(|&s| locs[s].node())
+            .chain(placed.iter().map(|&(_, ni)| ni));
+        let level = distinct_level(&self.ledger, after).unwrap_or(DomainLevel::Node);
 
         let sources: Vec<usize> = if lost.is_empty() && slab.resiliency.is_parity() {
-            replace[..placed].to_vec()
+            placed.iter().map(|&(shard, _)| shard).collect()
         } else {
             self.choose_sources(locs, &readable, need)
         };
-        let mut targets = Vec::with_capacity(placed);
-        for (&shard, &ni) in replace.iter().zip(&homes) {
+        let mut targets = Vec::with_capacity(placed.len());
+        for &(shard, ni) in &placed {
             // Each home came from a node with a best disk.
             let di = self.ledger.nodes()[ni].best_disk().unwrap_or(0);
             if self.ledger.take_at(ni, di).is_err() {
@@ -242,10 +259,23 @@ impl Planner {
         });
     }
 
-    /// Nodes for as many of `count` new extents as possible (all of them if
-    /// possible), on domains distinct from each other and from the kept
-    /// extents, at the widest level where that works.
-    fn find_homes(&self, locs: &[Loc], kept: &[usize], count: usize) -> (DomainLevel, Vec<usize>) {
+    /// A node for each of the `replace` extents, or `None` where there is
+    /// none.
+    ///
+    /// First all of them at once, on domains distinct from each other and
+    /// from the kept extents, at the widest level where that works. If no
+    /// level works, one at a time (lost extents first), each on a domain
+    /// distinct from everything the slab names at that moment (an extent not
+    /// yet replaced, lost or leaving, still counts: an unplaced one stays in
+    /// the slab's record; the replacement of an extent may take its own
+    /// domain), repeating while that places more: a replaced extent frees
+    /// its domain for the others.
+    fn find_homes(
+        &self,
+        locs: &[Loc],
+        states: &[CopyState],
+        replace: &[usize],
+    ) -> Vec<Option<usize>> {
         let nodes = self.ledger.nodes();
         let key = |ni: usize, node: &crate::topology::Node| {
             node.best_disk().map(|d| {
@@ -253,24 +283,64 @@ impl Planner {
                 (over_cap, node.disks()[d].fill_after_one_more())
             })
         };
-        for wanted in (1..=count).rev() {
-            for level in DomainLevel::ALL {
+        // The domains of `members` at `level`, if pairwise distinct.
+        let domains =
+            |level: DomainLevel, members: &mut dyn Iterator<Item = usize>| -> Option<Mask> {
                 let mut taken: Mask = 0;
-                let mut distinct = true;
-                for &s in kept {
-                    let b = bit(nodes[locs[s].node()].domain(level));
-                    distinct &= taken & b == 0;
+                for ni in members {
+                    let b = bit(nodes[ni].domain(level));
+                    if taken & b != 0 {
+                        return None;
+                    }
                     taken |= b;
                 }
-                if !distinct {
-                    continue;
-                }
-                if let Some(homes) = pick_nodes(&self.ledger, level, taken, wanted, key) {
-                    return (level, homes);
-                }
+                Some(taken)
+            };
+        let kept = || {
+            (0..locs.len())
+                .filter(|&s| states[s].is_kept())
+                .map(|s| locs[s].node())
+        };
+        for level in DomainLevel::ALL {
+            let Some(taken) = domains(level, &mut kept()) else {
+                continue;
+            };
+            if let Some(all) = pick_nodes(&self.ledger, level, taken, replace.len(), key) {
+                return all.into_iter().map(Some).collect();
             }
         }
-        (DomainLevel::Node, Vec::new())
+        let mut homes: Vec<Option<usize>> = vec![None; replace.len()];
+        for _pass in 0..replace.len() {
+            let mut progress = false;
+            for i in 0..replace.len() {
+                if homes[i].is_some() {
+                    continue;
+                }
+                // Extents not replaced (yet) keep their node, even lost
+                // ones: the slab's record still names it.
+                let unreplaced = (0..replace.len())
+                    .filter(|&j| j != i && homes[j].is_none())
+                    .map(|j| locs[replace[j]].node());
+                let members: Vec<usize> = kept()
+                    .chain(unreplaced)
+                    .chain(homes.iter().flatten().copied())
+                    .collect();
+                for level in DomainLevel::ALL {
+                    let Some(taken) = domains(level, &mut members.iter().copied()) else {
+                        continue;
+                    };
+                    if let Some(ni) = pick_node(&self.ledger, level, taken, key) {
+                        homes[i] = Some(ni);
+                        progress = true;
+                        break;
+                    }
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        homes
     }
 
     /// `need` readable shards, those on the nodes that have read least so far
@@ -288,17 +358,20 @@ impl Planner {
         ranked.into_iter().take(need).map(|(.., s)| s).collect()
     }
 
+    /// Why the `unplaced` extents of a slab found no home: too few usable
+    /// nodes besides those holding the slab, or too few with room.
     fn why_unplaced(
         &self,
         slab: &Slab,
         locs: &[Loc],
         kept: &[usize],
+        unplaced: &[usize],
         homes: &[usize],
-        missing: usize,
     ) -> PlacementError {
         let nodes = self.ledger.nodes();
         let holding: Mask = kept
             .iter()
+            .chain(unplaced)
             .map(|&s| bit(locs[s].node() as u8))
             .chain(homes.iter().map(|&ni| bit(ni as u8)))
             .fold(0, |a, b| a | b);
@@ -306,9 +379,8 @@ impl Planner {
             .iter()
             .enumerate()
             .filter(|&(i, n)| holding & bit(i as u8) == 0 && n.is_usable_domain());
-        let usable_others = others.clone().count();
         let width = slab.resiliency.width();
-        let available = kept.len() + homes.len() + usable_others;
+        let available = kept.len() + homes.len() + others.clone().count();
         if available < width {
             return PlacementError::NotEnoughFaultDomains {
                 resiliency: slab.resiliency,
@@ -317,8 +389,8 @@ impl Planner {
             };
         }
         PlacementError::PoolFull {
-            extents: missing,
-            nodes: missing,
+            extents: unplaced.len(),
+            nodes: unplaced.len(),
             with_space: others.filter(|(_, n)| n.best_disk().is_some()).count(),
         }
     }
