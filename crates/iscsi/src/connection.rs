@@ -55,12 +55,12 @@ pub async fn run(
     let _ = sock.set_nodelay(true);
     let cfg = registry.config.clone();
     let local = sock.local_addr()?;
-    let login = tokio::time::timeout(
-        cfg.login_timeout,
-        login::login(&mut sock, &registry, &shutdown),
-    )
-    .await
-    .map_err(|_| IscsiError::Timeout("login"))??;
+    let login = tokio::select! {
+        r = tokio::time::timeout(cfg.login_timeout, login::login(&mut sock, &registry, &shutdown)) => {
+            r.map_err(|_| IscsiError::Timeout("login"))??
+        }
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let (outcome, guard) = login;
     let cancel = guard
         .as_ref()

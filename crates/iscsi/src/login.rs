@@ -85,6 +85,7 @@ struct Login<'a> {
     chap_required: bool,
     auth_done: bool,
     declared: bool,
+    tpgt_sent: bool,
     first: bool,
 }
 
@@ -118,6 +119,7 @@ pub async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         chap_required: false,
         auth_done: false,
         declared: false,
+        tpgt_sent: false,
         first: true,
     };
     let mut pending = Vec::new();
@@ -280,7 +282,9 @@ impl Login<'_> {
                 self.auth_done = true;
             }
         }
-        if csg == STAGE_SECURITY && !self.declared && !self.discovery {
+        if !self.tpgt_sent && !self.discovery {
+            // RFC 7143 13.9: in the first login response of a normal session.
+            self.tpgt_sent = true;
             out.push(("TargetPortalGroupTag".into(), "1".into()));
         }
         let mut can_transit = transit;

@@ -278,3 +278,85 @@ fn data_out_past_limits_is_refused() {
         assert_serving(addr).await;
     });
 }
+
+/// The target pings an idle initiator (NOP-In) and drops it when the ping
+/// goes unanswered; an answered ping keeps the session.
+#[test]
+fn nop_keepalive() {
+    let cfg = TargetConfig {
+        nop_interval: Duration::from_millis(300),
+        nop_timeout: Duration::from_millis(300),
+        ..TargetConfig::default()
+    };
+    let t = TestTarget::start(&[("vol", 16 * MIB)], cfg);
+    let addr = t.addr;
+    rt().block_on(async {
+        // Answered pings: still alive after several intervals.
+        let mut i = Initiator::login(addr, 0x03).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let mut pings = 0;
+        while tokio::time::Instant::now() < deadline {
+            let Ok(p) =
+                tokio::time::timeout(Duration::from_millis(200), read_pdu(&mut i.sock, &limits()))
+                    .await
+            else {
+                continue;
+            };
+            let p = p.expect("connection kept");
+            assert_eq!(p.bhs.opcode(), 0x20);
+            assert_eq!(p.bhs.itt(), 0xffff_ffff);
+            pings += 1;
+            let mut b = Bhs::default();
+            b.0[0] = 0x40; // immediate NOP-Out
+            b.set_flags(0x80);
+            b.set_itt(0xffff_ffff);
+            b.set_ttt(p.bhs.ttt());
+            b.set_u32_at(24, i.cmd_sn);
+            write_pdu(&mut i.sock, &Pdu::new(b), &limits())
+                .await
+                .expect("pong");
+        }
+        assert!(pings >= 2, "expected pings, got {pings}");
+        assert_eq!(i.test_unit_ready().await, 0);
+        // Unanswered: the connection is closed.
+        let mut j = Initiator::login(addr, 0x04).await;
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            while read_pdu(&mut j.sock, &limits()).await.is_ok() {}
+        })
+        .await;
+        assert!(closed.is_ok(), "silent initiator not dropped");
+    });
+}
+
+/// Shutdown stops accepting, lets running commands finish, closes the
+/// sessions and returns.
+#[test]
+fn shutdown_returns_with_sessions_open() {
+    let t = TestTarget::start(&[("vol", 16 * MIB)], TargetConfig::default());
+    let addr = t.addr;
+    let rt = rt();
+    let mut i = rt.block_on(async {
+        let mut i = Initiator::login(addr, 0x05).await;
+        assert_eq!(i.test_unit_ready().await, 0);
+        // A half-done login must not hold shutdown up either.
+        i
+    });
+    let half = rt.block_on(async { TcpStream::connect(addr).await.expect("connect") });
+    let start = std::time::Instant::now();
+    drop(t);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+    rt.block_on(async {
+        let r =
+            tokio::time::timeout(Duration::from_secs(2), read_pdu(&mut i.sock, &limits())).await;
+        assert!(matches!(r, Ok(Err(_))), "session not closed at shutdown");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "still accepting after shutdown"
+        );
+    });
+    drop(half);
+}
