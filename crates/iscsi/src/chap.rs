@@ -9,6 +9,8 @@
 
 use md5::{Digest, Md5};
 
+use crate::text::find;
+
 /// A CHAP name and secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ChapCredential {
@@ -175,12 +177,6 @@ enum State {
 pub struct ChapExchange {
     secrets: ChapSecrets,
     state: State,
-}
-
-fn find<'a>(keys: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    keys.iter()
-        .find(|(key, _)| key == k)
-        .map(|(_, v)| v.as_str())
 }
 
 impl ChapExchange {

@@ -20,7 +20,7 @@ use crate::params::{self, KeyClass, SessionParams};
 use crate::pdu::{Bhs, InitiatorOp, Pdu, TargetOp};
 use crate::registry::Registry;
 use crate::scsi::lu::LogicalUnit;
-use crate::text;
+use crate::text::{self, find};
 use crate::wire::{self, WireLimits};
 
 /// Most bytes of key=value text one login exchange may accumulate.
@@ -87,12 +87,6 @@ struct Login<'a> {
     declared: bool,
     tpgt_sent: bool,
     first: bool,
-}
-
-fn find<'k>(keys: &'k [(String, String)], k: &str) -> Option<&'k str> {
-    keys.iter()
-        .find(|(key, _)| key == k)
-        .map(|(_, v)| v.as_str())
 }
 
 /// Run the login on `stream`. Returns the outcome once the final login

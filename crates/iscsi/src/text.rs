@@ -47,6 +47,13 @@ pub fn parse(data: &[u8]) -> Result<Vec<(String, String)>, TextError> {
     Ok(out)
 }
 
+/// The value of the first `k` in `keys`.
+pub fn find<'a>(keys: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    keys.iter()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.as_str())
+}
+
 /// Encode pairs as `key=value\0...`.
 pub fn encode(pairs: &[(String, String)]) -> Vec<u8> {
     let mut out = Vec::new();

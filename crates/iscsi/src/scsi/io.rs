@@ -57,6 +57,20 @@ fn check_protect(c: &[u8]) -> Result<(), Sense> {
     Ok(())
 }
 
+/// The checks every READ/WRITE/VERIFY form starts with: no protection
+/// information, the range inside the capacity, the transfer within the
+/// cap. `None` for a zero-block transfer (nothing to do).
+fn transfer_range(lu: &LogicalUnit, c: &[u8]) -> Result<Option<(u64, u64)>, Sense> {
+    check_protect(c)?;
+    let (lba, n) = cdb::lba_and_len(c);
+    check_range(lu, lba, n)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    check_max_transfer(lu, n, len_field(c[0]))?;
+    Ok(Some((lba, n)))
+}
+
 fn offset(lu: &LogicalUnit, lba: u64) -> u64 {
     lba * u64::from(lu.block_size())
 }
@@ -80,13 +94,9 @@ pub fn read_capacity16(lu: &LogicalUnit, c: &[u8]) -> CmdResult {
 }
 
 pub async fn read(lu: &LogicalUnit, c: &[u8]) -> CmdResult {
-    check_protect(c)?;
-    let (lba, n) = cdb::lba_and_len(c);
-    check_range(lu, lba, n)?;
-    if n == 0 {
+    let Some((lba, n)) = transfer_range(lu, c)? else {
         return Ok(ScsiResponse::good());
-    }
-    check_max_transfer(lu, n, len_field(c[0]))?;
+    };
     let len = (n * u64::from(lu.block_size())) as usize;
     let buf = lu
         .volume
@@ -117,13 +127,9 @@ fn write_protected(lu: &LogicalUnit) -> Result<(), Sense> {
 }
 
 pub async fn write(lu: &LogicalUnit, c: &[u8], data: Option<AlignedBuf>) -> CmdResult {
-    check_protect(c)?;
-    let (lba, n) = cdb::lba_and_len(c);
-    check_range(lu, lba, n)?;
-    if n == 0 {
+    let Some((lba, n)) = transfer_range(lu, c)? else {
         return Ok(ScsiResponse::good());
-    }
-    check_max_transfer(lu, n, len_field(c[0]))?;
+    };
     write_protected(lu)?;
     let len = (n * u64::from(lu.block_size())) as usize;
     let data = match data {
@@ -143,13 +149,9 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 pub async fn verify(lu: &LogicalUnit, c: &[u8], data: Option<AlignedBuf>) -> CmdResult {
-    check_protect(c)?;
-    let (lba, n) = cdb::lba_and_len(c);
-    check_range(lu, lba, n)?;
-    if n == 0 {
+    let Some((lba, n)) = transfer_range(lu, c)? else {
         return Ok(ScsiResponse::good());
-    }
-    check_max_transfer(lu, n, len_field(c[0]))?;
+    };
     let bs = lu.block_size() as usize;
     let len = n as usize * bs;
     let bytchk = (c[1] >> 1) & 0x03;

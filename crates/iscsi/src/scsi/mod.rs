@@ -356,3 +356,231 @@ fn report_supported_opcodes(cdb: &[u8]) -> CmdResult {
     }
     Ok(ScsiResponse::data_alloc(out, alloc))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use block_api::{BlockError, BlockRun, BlockVolume};
+
+    use super::*;
+    use crate::config::LogicalBlockSize;
+    use crate::reservation::MemoryReservationStore;
+
+    /// A dense volume in a Vec, enough for the device server's rules.
+    struct VecVolume(Mutex<Vec<u8>>);
+
+    #[async_trait::async_trait]
+    impl BlockVolume for VecVolume {
+        fn name(&self) -> &str {
+            "unit"
+        }
+        fn size(&self) -> u64 {
+            self.0.lock().expect("lock").len() as u64
+        }
+        async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, BlockError> {
+            let v = self.0.lock().expect("lock");
+            let end = offset as usize + len;
+            if end > v.len() {
+                return Err(BlockError::OutOfRange {
+                    offset,
+                    len: len as u64,
+                    size: v.len() as u64,
+                });
+            }
+            Ok(AlignedBuf::from_slice(&v[offset as usize..end]))
+        }
+        async fn write(&self, offset: u64, data: AlignedBuf, _fua: bool) -> Result<(), BlockError> {
+            let mut v = self.0.lock().expect("lock");
+            v[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+        async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.write_zeroes(offset, len, true, false).await
+        }
+        async fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            _u: bool,
+            _f: bool,
+        ) -> Result<(), BlockError> {
+            let mut v = self.0.lock().expect("lock");
+            v[offset as usize..(offset + len) as usize].fill(0);
+            Ok(())
+        }
+        async fn block_status(&self, _offset: u64, len: u64) -> Result<Vec<BlockRun>, BlockError> {
+            Ok(vec![BlockRun {
+                len,
+                hole: false,
+                zero: false,
+            }])
+        }
+    }
+
+    fn lu(block: LogicalBlockSize) -> LogicalUnit {
+        let vol = Arc::new(VecVolume(Mutex::new(vec![0u8; 1 << 20])));
+        LogicalUnit::new(
+            vol,
+            block,
+            1 << 20,
+            Arc::new(MemoryReservationStore::new()),
+            Default::default(),
+        )
+    }
+
+    fn nexus(name: &str) -> Nexus {
+        Nexus {
+            port: InitiatorPort {
+                name: name.into(),
+                isid: [0; 6],
+            },
+            target_port: 1,
+        }
+    }
+
+    fn rw10(op: u8, lba: u32, blocks: u16) -> Vec<u8> {
+        let mut c = vec![0u8; 10];
+        c[0] = op;
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    fn sense_of(r: &ScsiResponse) -> (u8, u8, u8) {
+        let s = r.sense.as_ref().expect("sense");
+        (s[2] & 0x0f, s[12], s[13])
+    }
+
+    fn pr_out(sa: u8, kind: u8, key: u64, sa_key: u64) -> (Vec<u8>, AlignedBuf) {
+        let mut c = vec![0x5f, sa, kind, 0, 0, 0, 0, 0, 24, 0];
+        c[5..9].copy_from_slice(&24u32.to_be_bytes());
+        let mut d = vec![0u8; 24];
+        d[0..8].copy_from_slice(&key.to_be_bytes());
+        d[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        (c, AlignedBuf::from_slice(&d))
+    }
+
+    #[tokio::test]
+    async fn write_read_round_trip_and_range_checks() {
+        let lu = lu(LogicalBlockSize::Emulated512);
+        let n = nexus("a");
+        let w = execute(
+            &lu,
+            &n,
+            &rw10(0x2a, 3, 2),
+            Some(AlignedBuf::from_slice(&[7u8; 1024])),
+        )
+        .await;
+        assert_eq!(w.status, STATUS_GOOD);
+        let r = execute(&lu, &n, &rw10(0x28, 3, 2), None).await;
+        assert_eq!(r.data_in.expect("data").as_slice(), &[7u8; 1024][..]);
+        let blocks = (1u32 << 20) / 512;
+        let r = execute(&lu, &n, &rw10(0x28, blocks - 1, 2), None).await;
+        assert_eq!(sense_of(&r), (0x05, 0x21, 0x00), "LBA OUT OF RANGE");
+        let r = execute(&lu, &n, &[0xc7, 0, 0, 0, 0, 0], None).await;
+        assert_eq!(
+            sense_of(&r),
+            (0x05, 0x20, 0x00),
+            "INVALID COMMAND OPERATION CODE"
+        );
+        let mut inq = vec![0x12, 0x01, 0x42, 0, 0xff, 0];
+        let r = execute(&lu, &n, &inq, None).await;
+        assert_eq!(sense_of(&r), (0x05, 0x24, 0x00), "INVALID FIELD IN CDB");
+        inq[2] = 0x83;
+        let r = execute(&lu, &n, &inq, None).await;
+        assert_eq!(r.status, STATUS_GOOD);
+    }
+
+    #[tokio::test]
+    async fn native_4k_reports_4k_blocks() {
+        let lu = lu(LogicalBlockSize::Native4096);
+        let mut c = vec![0u8; 16];
+        c[0] = 0x9e;
+        c[1] = 0x10;
+        c[13] = 32;
+        let r = execute(&lu, &nexus("a"), &c, None).await;
+        let d = r.data_in.expect("data");
+        assert_eq!(&d.as_slice()[8..12], &4096u32.to_be_bytes());
+        assert_eq!(d.as_slice()[13], 0, "one logical block per physical");
+    }
+
+    /// Two initiators: registration, reservation, the conflict an
+    /// unregistered writer gets, preemption.
+    #[tokio::test]
+    async fn persistent_reservations_between_two_initiators() {
+        let lu = lu(LogicalBlockSize::Emulated512);
+        let (a, b) = (nexus("a"), nexus("b"));
+        let write = |n: &Nexus| {
+            let c = rw10(0x2a, 0, 1);
+            let lu = &lu;
+            let n = n.clone();
+            async move {
+                execute(lu, &n, &c, Some(AlignedBuf::from_slice(&[1u8; 512])))
+                    .await
+                    .status
+            }
+        };
+        let (c, d) = pr_out(0, 0, 0, 0xaa);
+        assert_eq!(execute(&lu, &a, &c, Some(d)).await.status, STATUS_GOOD);
+        // Write Exclusive - Registrants Only.
+        let (c, d) = pr_out(1, 5, 0xaa, 0);
+        assert_eq!(execute(&lu, &a, &c, Some(d)).await.status, STATUS_GOOD);
+        assert_eq!(write(&a).await, STATUS_GOOD);
+        assert_eq!(
+            write(&b).await,
+            STATUS_RESERVATION_CONFLICT,
+            "unregistered writer"
+        );
+        let r = execute(&lu, &b, &rw10(0x28, 0, 1), None).await;
+        assert_eq!(
+            r.status, STATUS_GOOD,
+            "reads stay allowed under write exclusive"
+        );
+        let (c, d) = pr_out(0, 0, 0, 0xbb);
+        assert_eq!(execute(&lu, &b, &c, Some(d)).await.status, STATUS_GOOD);
+        assert_eq!(write(&b).await, STATUS_GOOD, "registrants may write");
+        // b preempts a with Exclusive Access: a loses its registration.
+        let (c, d) = pr_out(4, 3, 0xbb, 0xaa);
+        assert_eq!(execute(&lu, &b, &c, Some(d)).await.status, STATUS_GOOD);
+        assert_eq!(write(&a).await, STATUS_RESERVATION_CONFLICT);
+        let r = execute(&lu, &a, &rw10(0x28, 0, 1), None).await;
+        assert_eq!(
+            r.status, STATUS_RESERVATION_CONFLICT,
+            "exclusive access blocks reads"
+        );
+        // READ KEYS shows only b's key; the store has the state.
+        let r = execute(&lu, &a, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 64, 0], None).await;
+        let d = r.data_in.expect("data");
+        assert_eq!(&d.as_slice()[4..8], &8u32.to_be_bytes());
+        assert_eq!(&d.as_slice()[8..16], &0xbbu64.to_be_bytes());
+        let saved = lu.store.load("unit").await.expect("load");
+        assert_eq!(saved, lu.pr());
+    }
+
+    #[tokio::test]
+    async fn mode_select_changes_only_changeable_bits() {
+        let lu = lu(LogicalBlockSize::Emulated512);
+        let n = nexus("a");
+        let sense6 = [0x1a, 0x08, 0x0a, 0, 0xff, 0];
+        let r = execute(&lu, &n, &sense6, None).await;
+        let mut page = r.data_in.expect("data").as_slice().to_vec();
+        page[0] = 0;
+        // Set D_SENSE: allowed.
+        page[4 + 2] |= 0x04;
+        let sel = [0x15, 0x10, 0, 0, page.len() as u8, 0];
+        let r = execute(&lu, &n, &sel, Some(AlignedBuf::from_slice(&page))).await;
+        assert_eq!(r.status, STATUS_GOOD);
+        assert!(lu.mode().d_sense);
+        // Descriptor-format sense from now on.
+        let r = execute(&lu, &n, &[0xc7, 0, 0, 0, 0, 0], None).await;
+        assert_eq!(r.sense.expect("sense")[0], 0x72);
+        // Changing the queue algorithm modifier is refused.
+        page[4 + 3] ^= 0xf0;
+        let r = execute(&lu, &n, &sel, Some(AlignedBuf::from_slice(&page))).await;
+        assert_eq!(r.status, STATUS_CHECK_CONDITION);
+    }
+}
