@@ -16,8 +16,8 @@ use placement::{
 mod pools;
 
 const SLABS: u64 = 1_000_000;
-/// Disk unit in extents: the 16-node pool holds 6.9 M extents, so
-/// 1 M mirror-3 slabs fill it to 43 % and 1 M parity-4+2 slabs to 87 %.
+/// Disk unit in extents: the 16-node pool holds 6.7 M extents, so
+/// 1 M mirror-3 slabs fill it to 45 % and 1 M parity-4+2 slabs to 89 %.
 const SCALE: u64 = 20_000;
 
 fn parity_4_2() -> Resiliency {

@@ -24,10 +24,9 @@
 //! fullest disk the plain greedy choice would use; otherwise balance wins.
 
 use crate::error::PlacementError;
-use crate::fill::Fill;
 use crate::resiliency::Resiliency;
-use crate::select::{bit, pick_node, tight_domains, widest_level};
-use crate::topology::{DomainLevel, ExtentLocation, NODES_MAX, Node, NodeId, Topology};
+use crate::select::{Candidates, bit, jitter, node_keys, tight_domains, widest_level};
+use crate::topology::{DomainLevel, ExtentLocation, NODES_MAX, NodeId, Topology};
 
 /// How much fuller (in basis points of fill, 200 = 2 percentage points) the
 /// preferred node's disk may be than the greedy choice and still get a copy.
@@ -93,11 +92,18 @@ pub fn allocate_slab(
     }
     let (must_tight, tight) = tight_domains(&domain_free, width);
 
-    let key = |_: usize, node: &Node| {
+    let seed = topology.seed();
+    let keys = node_keys(topology, |_, node| {
+        node.best_score()
+            .map(|score| score.saturating_add(jitter(seed, node.id())))
+    });
+    let candidates = Candidates::new(topology, level, &keys);
+    let exact_fill = |ni: usize| {
+        let node = &nodes[ni];
         node.best_disk()
             .map(|d| node.disks()[d].fill_after_one_more())
     };
-    let mut chosen = greedy(topology, level, 0, must_tight, tight, width, key)?;
+    let mut chosen = greedy(&candidates, 0, must_tight, tight, width)?;
 
     if let Some(p) = prefer {
         if let Some(at) = chosen.iter().position(|&ni| ni == p) {
@@ -105,16 +111,16 @@ pub fn allocate_slab(
         } else {
             // The local node may take a tight domain's place, or a free one
             // if the tight domains still fit in the other extents.
-            let p_domain = bit(nodes[p].domain(level));
+            let p_domain = bit(candidates.domain(p));
             let p_tight = tight & p_domain != 0;
             let still_fits = p_tight || must_tight < width;
-            let worst = chosen.last().and_then(|&ni| key(ni, &nodes[ni]));
-            let local = key(p, &nodes[p]);
+            let worst = chosen.iter().filter_map(|&ni| exact_fill(ni)).max();
+            let local = exact_fill(p);
             if let (true, Some(local), Some(worst)) = (still_fits, local, worst)
                 && local.at_most_plus(worst, LOCAL_PREFERENCE_SLACK_BP)
             {
                 let must = must_tight - usize::from(p_tight && must_tight > 0);
-                let mut rest = greedy(topology, level, p_domain, must, tight, width - 1, key)?;
+                let mut rest = greedy(&candidates, p_domain, must, tight, width - 1)?;
                 rest.insert(0, p);
                 chosen = rest;
             }
@@ -136,21 +142,19 @@ pub fn allocate_slab(
     })
 }
 
-/// `count` nodes on distinct domains at `level` (none in `taken`), lowest key
-/// first, the first `must_tight` of them from the `tight` domains.
+/// `count` nodes on distinct domains (none in `taken`), lowest key first,
+/// the first `must_tight` of them from the `tight` domains.
 fn greedy(
-    topology: &Topology,
-    level: DomainLevel,
+    candidates: &Candidates<'_, u64>,
     mut taken: u32,
     must_tight: usize,
     tight: u32,
     count: usize,
-    key: impl Fn(usize, &Node) -> Option<Fill>,
 ) -> Result<Vec<usize>, PlacementError> {
     let mut chosen = Vec::with_capacity(count);
     for i in 0..count {
         let restrict = if i < must_tight { !tight } else { 0 };
-        let ni = pick_node(topology, level, taken | restrict, &key).ok_or(
+        let ni = candidates.pick(taken | restrict).ok_or(
             // Unreachable after the checks in `allocate_slab` (enough domains
             // with space exist); reported rather than panicking.
             PlacementError::PoolFull {
@@ -159,7 +163,7 @@ fn greedy(
                 with_space: chosen.len(),
             },
         )?;
-        taken |= bit(topology.nodes()[ni].domain(level));
+        taken |= bit(candidates.domain(ni));
         chosen.push(ni);
     }
     Ok(chosen)

@@ -46,6 +46,11 @@ impl Fill {
 
 impl Ord for Fill {
     fn cmp(&self, other: &Self) -> Ordering {
+        const SMALL: u64 = 1 << 32;
+        if (self.used | self.capacity | other.used | other.capacity) < SMALL {
+            // Products of 32-bit values fit in a u64: the common, fast case.
+            return (self.used * other.capacity).cmp(&(other.used * self.capacity));
+        }
         let left = self.used as u128 * other.capacity as u128;
         let right = other.used as u128 * self.capacity as u128;
         left.cmp(&right)

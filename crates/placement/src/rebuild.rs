@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::PlacementError;
-use crate::select::{Mask, bit, distinct_level, pick_node, pick_nodes};
+use crate::select::{Candidates, Mask, bit, distinct_level, jitter, node_keys};
 use crate::slab::{Loc, Slab, SlabTable};
 use crate::topology::{CopyState, DomainLevel, ExtentLocation, NodeId, SlabId, Topology};
 use crate::traffic::{NodeTraffic, TrafficCounter};
@@ -186,7 +186,7 @@ impl Planner {
         }
         // Lost extents first: they are the ones redundancy is missing.
         let replace: Vec<usize> = lost.iter().chain(&leaving).copied().collect();
-        let homes = self.find_homes(locs, &states, &replace);
+        let homes = self.find_homes(slab.id.0, locs, &states, &replace);
         let placed: Vec<(usize, usize)> = replace
             .iter()
             .zip(&homes)
@@ -272,17 +272,18 @@ impl Planner {
     /// its domain for the others.
     fn find_homes(
         &self,
+        seed: u64,
         locs: &[Loc],
         states: &[CopyState],
         replace: &[usize],
     ) -> Vec<Option<usize>> {
         let nodes = self.ledger.nodes();
-        let key = |ni: usize, node: &crate::topology::Node| {
-            node.best_disk().map(|d| {
+        let keys = node_keys(&self.ledger, |ni, node| {
+            node.best_score().map(|score| {
                 let over_cap = self.traffic.writes(ni) >= self.write_cap;
-                (over_cap, node.disks()[d].fill_after_one_more())
+                (over_cap, score.saturating_add(jitter(seed, node.id())))
             })
-        };
+        });
         // The domains of `members` at `level`, if pairwise distinct.
         let domains =
             |level: DomainLevel, members: &mut dyn Iterator<Item = usize>| -> Option<Mask> {
@@ -305,10 +306,12 @@ impl Planner {
             let Some(taken) = domains(level, &mut kept()) else {
                 continue;
             };
-            if let Some(all) = pick_nodes(&self.ledger, level, taken, replace.len(), key) {
+            let candidates = Candidates::new(&self.ledger, level, &keys);
+            if let Some(all) = candidates.pick_many(taken, replace.len()) {
                 return all.into_iter().map(Some).collect();
             }
         }
+        let by_level = DomainLevel::ALL.map(|level| Candidates::new(&self.ledger, level, &keys));
         let mut homes: Vec<Option<usize>> = vec![None; replace.len()];
         for _pass in 0..replace.len() {
             let mut progress = false;
@@ -329,7 +332,7 @@ impl Planner {
                     let Some(taken) = domains(level, &mut members.iter().copied()) else {
                         continue;
                     };
-                    if let Some(ni) = pick_node(&self.ledger, level, taken, key) {
+                    if let Some(ni) = by_level[level.index()].pick(taken) {
                         homes[i] = Some(ni);
                         progress = true;
                         break;

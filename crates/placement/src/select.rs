@@ -6,7 +6,7 @@
 //! is already in the taken set; ties are broken by node index, i.e. by
 //! [`NodeId`](crate::NodeId) order, so the same input gives the same pick.
 
-use crate::topology::{DomainLevel, NODES_MAX, Node, Topology};
+use crate::topology::{DomainLevel, NODES_MAX, Node, NodeId, Topology};
 
 /// A set of domain indices at one level (bit `i` = domain `i`), or a set of
 /// node indices.
@@ -16,22 +16,47 @@ pub(crate) fn bit(index: u8) -> Mask {
     1 << index
 }
 
-/// The set of domains at `level` of the nodes in `nodes` (a node-index mask).
-pub(crate) fn domains_of(topology: &Topology, level: DomainLevel, nodes: Mask) -> Mask {
-    topology
-        .nodes()
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| nodes & (1 << i) != 0)
-        .fold(0, |acc, (_, n)| acc | bit(n.domain(level)))
+/// Width of the tie-break window, in bits of the 2^32 fill scale: fills
+/// within 2^25 / 2^32 = 1/128 (0.78 %) of each other are ordered by a hash,
+/// not by value.
+pub(crate) const JITTER_BITS: u32 = 25;
+
+/// A pseudo-random offset in `[0, 2^JITTER_BITS)` for `node` in a decision
+/// identified by `seed`, added to fill scores before comparing them.
+///
+/// Why: a strict "emptiest first" with ties broken by node id makes the same
+/// nodes fill in step and share slab after slab (nodes 3, 4 and 5 end up
+/// holding copies of the same slabs), so losing one node would load its few
+/// partners with the whole rebuild. Breaking near-ties by a hash of the
+/// decision spreads every node's partners over the whole cluster
+/// (declustering) at a cost of at most 1/128 in balance. Deterministic: the
+/// seed comes from the input.
+pub(crate) fn jitter(seed: u64, node: NodeId) -> u64 {
+    splitmix64(seed ^ u64::from(node.0).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> (64 - JITTER_BITS)
 }
 
-/// The widest level at which the nodes in `nodes` span at least `needed`
-/// distinct domains.
+/// SplitMix64's output function: a fast, well-mixed 64-bit hash.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The widest level at which the nodes in `nodes` (a node-index mask) span
+/// at least `needed` distinct domains.
 pub(crate) fn widest_level(topology: &Topology, nodes: Mask, needed: usize) -> Option<DomainLevel> {
+    let mut spans = [0 as Mask; 4];
+    for (i, node) in topology.nodes().iter().enumerate() {
+        if nodes & (1 << i) != 0 {
+            for level in DomainLevel::ALL {
+                spans[level.index()] |= bit(node.domain(level));
+            }
+        }
+    }
     DomainLevel::ALL
         .into_iter()
-        .find(|&level| domains_of(topology, level, nodes).count_ones() as usize >= needed)
+        .find(|&level| spans[level.index()].count_ones() as usize >= needed)
 }
 
 /// The widest level at which the nodes `node_indices` are pairwise in
@@ -52,44 +77,93 @@ pub(crate) fn distinct_level(
     })
 }
 
-/// The node with the smallest key among those whose domain at `level` is not
-/// in `taken` and whose key is `Some`. Ties go to the lower node index.
-pub(crate) fn pick_node<K: Ord>(
+/// A key per node index (`None`: the node takes nothing), computed once
+/// per decision.
+pub(crate) fn node_keys<K: Copy>(
     topology: &Topology,
-    level: DomainLevel,
-    taken: Mask,
     mut key: impl FnMut(usize, &Node) -> Option<K>,
-) -> Option<usize> {
-    let mut best: Option<(K, usize)> = None;
+) -> [Option<K>; NODES_MAX] {
+    let mut keys = [None; NODES_MAX];
     for (i, node) in topology.nodes().iter().enumerate() {
-        if taken & bit(node.domain(level)) != 0 {
-            continue;
-        }
-        let Some(k) = key(i, node) else { continue };
-        if best.as_ref().is_none_or(|(b, _)| k < *b) {
-            best = Some((k, i));
-        }
+        keys[i] = key(i, node);
     }
-    best.map(|(_, i)| i)
+    keys
 }
 
-/// Pick `count` nodes on pairwise distinct domains at `level`, none in
-/// `taken`, each time the one with the smallest key. `None` if fewer than
-/// `count` such nodes have a key.
-pub(crate) fn pick_nodes<K: Ord>(
-    topology: &Topology,
-    level: DomainLevel,
-    mut taken: Mask,
-    count: usize,
-    mut key: impl FnMut(usize, &Node) -> Option<K>,
-) -> Option<Vec<usize>> {
-    let mut chosen = Vec::with_capacity(count);
-    for _ in 0..count {
-        let ni = pick_node(topology, level, taken, &mut key)?;
-        taken |= bit(topology.nodes()[ni].domain(level));
-        chosen.push(ni);
+/// The nodes that may take an extent, each with its key (lower is better)
+/// and its domain at one level.
+pub(crate) struct Candidates<'k, K> {
+    keys: &'k [Option<K>; NODES_MAX],
+    domains: [u8; NODES_MAX],
+    /// Node-index mask of each domain's nodes.
+    members: [Mask; NODES_MAX],
+    /// Node-index mask of the nodes with a key.
+    keyed: Mask,
+}
+
+impl<'k, K: Ord + Copy> Candidates<'k, K> {
+    pub(crate) fn new(
+        topology: &Topology,
+        level: DomainLevel,
+        keys: &'k [Option<K>; NODES_MAX],
+    ) -> Self {
+        let mut domains = [0; NODES_MAX];
+        let mut members = [0; NODES_MAX];
+        let mut keyed = 0;
+        for (i, node) in topology.nodes().iter().enumerate() {
+            let d = node.domain(level);
+            domains[i] = d;
+            members[d as usize] |= 1 << i;
+            if keys[i].is_some() {
+                keyed |= 1 << i;
+            }
+        }
+        Self {
+            keys,
+            domains,
+            members,
+            keyed,
+        }
     }
-    Some(chosen)
+
+    pub(crate) fn domain(&self, node: usize) -> u8 {
+        self.domains[node]
+    }
+
+    /// The node with the smallest key whose domain is not in `taken`. Ties
+    /// go to the lower node index.
+    pub(crate) fn pick(&self, taken: Mask) -> Option<usize> {
+        let mut blocked: Mask = 0;
+        let mut domains = taken & ((1 << NODES_MAX) - 1);
+        while domains != 0 {
+            blocked |= self.members[domains.trailing_zeros() as usize];
+            domains &= domains - 1;
+        }
+        let mut free = self.keyed & !blocked;
+        let mut best: Option<(K, usize)> = None;
+        while free != 0 {
+            let i = free.trailing_zeros() as usize;
+            free &= free - 1;
+            if let Some(k) = self.keys[i]
+                && best.is_none_or(|(b, _)| k < b)
+            {
+                best = Some((k, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// `count` nodes on pairwise distinct domains, none in `taken`, each
+    /// time the one with the smallest key; `None` if there are fewer.
+    pub(crate) fn pick_many(&self, mut taken: Mask, count: usize) -> Option<Vec<usize>> {
+        let mut chosen = Vec::with_capacity(count);
+        for _ in 0..count {
+            let ni = self.pick(taken)?;
+            taken |= bit(self.domains[ni]);
+            chosen.push(ni);
+        }
+        Some(chosen)
+    }
 }
 
 /// The most slabs of `width` extents, each on `width` distinct domains, that

@@ -337,6 +337,9 @@ pub struct Node {
     best_disk: Option<u16>,
     /// Derived: free extents on this node's healthy disks if the node is up.
     allocatable_free: u64,
+    /// Derived: the best disk's fill after one more extent, in units of
+    /// 2^-32 (so 2^32 is full), for fast comparisons.
+    best_score: u64,
 }
 
 impl Node {
@@ -402,10 +405,17 @@ impl Node {
         self.state == NodeState::Up && self.disks.iter().any(|d| d.state == DiskState::Healthy)
     }
 
+    /// The best disk's fill after one more extent, as a fixed-point
+    /// fraction of 2^32; `None` if the node takes no new extent.
+    pub(crate) fn best_score(&self) -> Option<u64> {
+        self.best_disk.map(|_| self.best_score)
+    }
+
     /// Recompute the derived per-node fields from the disks.
     fn refresh(&mut self) {
         self.best_disk = None;
         self.allocatable_free = 0;
+        self.best_score = u64::MAX;
         if self.state != NodeState::Up {
             return;
         }
@@ -420,7 +430,16 @@ impl Node {
                 best = Some((fill, i));
             }
         }
-        self.best_disk = best.map(|(_, i)| i as u16);
+        if let Some((_, i)) = best {
+            let disk = &self.disks[i];
+            let after = disk.used_extents() + 1;
+            self.best_score = if after < 1 << 32 {
+                (after << 32) / disk.capacity_extents
+            } else {
+                (((after as u128) << 32) / disk.capacity_extents as u128) as u64
+            };
+            self.best_disk = Some(i as u16);
+        }
     }
 }
 
@@ -496,6 +515,7 @@ impl Topology {
             domains: [0; 4],
             best_disk: None,
             allocatable_free: 0,
+            best_score: u64::MAX,
         };
         node.refresh();
         self.nodes.insert(at, node);
@@ -682,6 +702,13 @@ impl Topology {
     /// The node that holds disk `id`.
     pub fn node_of_disk(&self, id: DiskId) -> Option<&Node> {
         self.disk_position(id).map(|(ni, _)| &self.nodes[ni])
+    }
+
+    /// A number that changes with every extent taken or released, to vary
+    /// tie-breaks from one decision to the next (see
+    /// [`crate::select::jitter`]).
+    pub(crate) fn seed(&self) -> u64 {
+        self.nodes.iter().map(|n| n.allocatable_free).sum()
     }
 
     pub(crate) fn node_index(&self, id: NodeId) -> Option<usize> {

@@ -11,10 +11,13 @@ use placement::{
 pub const EXTENT_BYTES: u64 = 4 << 20;
 
 /// Relative disk sizes of node `n`: 4 to 8 disks of 2 to 5 units, so that
-/// nodes differ by 2× and disks by 2.5×, while every chassis (nodes `n` and
-/// `n + 8`) stays under 1/6 and every rack under 1/3 of a 16-node pool.
+/// nodes differ by 2× (14 to 28 units) and disks by 2.5×, while the two nodes
+/// of a chassis (`n` and `n + 8`) complement each other: every chassis holds
+/// 12–13 % and every rack 24–26 % of a 16-node pool (under the 1/6 and 1/3
+/// that parity-4+2 and mirror-3 need to balance, even after losing a node).
 pub fn disk_units(n: u32) -> Vec<u64> {
-    let count = 4 + (n * 3) % 5;
+    let base = 4 + ((n % 8) * 3) % 5;
+    let count = if n < 8 { base } else { 12 - base };
     (0..count).map(|d| 2 + u64::from((n + 3 * d) % 4)).collect()
 }
 
