@@ -98,7 +98,12 @@ fn verify(node: &Node, ledger: &Ledger) -> usize {
     let mut checked = 0;
     for chunk in 0..VOL_BYTES / (1 << 20) {
         let data = c.read(chunk << 20, 1 << 20).unwrap_or_else(|e| {
-            panic!("reading MiB {chunk} after the crash failed: {e:?} (checksum error?)")
+            let log = node.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "reading MiB {chunk} after the crash failed: {e:?} (checksum error?); storaged log tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
         });
         for i in 0..256u64 {
             let block = chunk * 256 + i;

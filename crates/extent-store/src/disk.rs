@@ -91,6 +91,35 @@ fn io_err(path: &Path, what: &str, e: std::io::Error) -> StoreError {
     }
 }
 
+/// How long to wait for a disk held by another process (for example one
+/// that was just killed and whose last writes are still in flight).
+const DISK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Take an exclusive `flock` on the disk. The lock belongs to the open file
+/// description, and a killed process's in-flight I/O keeps that alive until
+/// the I/O completes; so holding it means no other process uses the disk
+/// and no write of a dead predecessor can still land after our recovery.
+async fn lock_disk(file: &File, path: &Path) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + DISK_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io_err(path, "lock disk", e));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Config(format!(
+                "disk {} is in use by another process (waited {DISK_LOCK_WAIT:?} for its lock)",
+                path.display()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Size in bytes of a file or block device.
 fn device_size(f: &File) -> std::io::Result<u64> {
     use std::io::{Seek, SeekFrom};
@@ -181,6 +210,7 @@ impl Disk {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .map_err(|e| io_err(path, "open disk with O_DIRECT", e))?;
+        lock_disk(&file, path).await?;
         let buffered = OpenOptions::new()
             .read(true)
             .write(true)
@@ -411,8 +441,8 @@ impl Disk {
                     last_gen: 0,
                 },
             );
-            let byte = self.intent_byte(r);
-            st.bits[byte as usize] |= 1 << (r % 8);
+            let (byte, mask) = self.intent_bit(r);
+            st.bits[byte as usize] |= mask;
             let blk = byte / BS;
             dirty_block = Some(match dirty_block {
                 None => (blk, blk),
@@ -432,9 +462,15 @@ impl Disk {
         Ok(())
     }
 
-    fn intent_byte(&self, region: u64) -> u64 {
+    /// Byte offset in the intent area and bit mask of a global region
+    /// index (`extent * regions_per_extent + region in extent`).
+    fn intent_bit(&self, region: u64) -> (u64, u8) {
         let per_extent = self.layout.regions_per_extent();
-        (region / per_extent) * INTENT_BYTES_PER_EXTENT + (region % per_extent) / 8
+        let local = region % per_extent;
+        (
+            (region / per_extent) * INTENT_BYTES_PER_EXTENT + local / 8,
+            1 << (local % 8),
+        )
     }
 
     async fn persist_intent_blocks(
@@ -485,10 +521,12 @@ impl Disk {
             let entries: Vec<CsumEntry> = (first..first + n)
                 .map(|b| self.csum_entry(extent, b))
                 .collect();
-            let mut buf = AlignedBuf::zeroed(len as usize);
             if entries.iter().all(|e| !matches!(e, CsumEntry::Data(_))) {
-                return Ok(buf);
+                return Ok(AlignedBuf::zeroed(len as usize));
             }
+            // Every byte is overwritten: by the read, then zeros for blocks
+            // without data.
+            let mut buf = AlignedBuf::for_overwrite(len as usize);
             let (r, b) = self
                 .engine
                 .read_exact(self.fd(), self.layout.extent_offset(extent) + off, buf)
@@ -599,8 +637,8 @@ impl Disk {
         let (mut lo, mut hi) = (u64::MAX, 0);
         for r in &idle {
             st.regions.remove(r);
-            let byte = self.intent_byte(*r);
-            st.bits[byte as usize] &= !(1 << (r % 8));
+            let (byte, mask) = self.intent_bit(*r);
+            st.bits[byte as usize] &= !mask;
             lo = lo.min(byte / BS);
             hi = hi.max(byte / BS);
         }
@@ -644,8 +682,8 @@ impl Disk {
                 continue;
             }
             for r in 0..per_extent {
-                let byte = extent as u64 * INTENT_BYTES_PER_EXTENT + r / 8;
-                if bits[byte as usize] & (1 << (r % 8)) == 0 {
+                let (byte, mask) = self.intent_bit(extent as u64 * per_extent + r);
+                if bits[byte as usize] & mask == 0 {
                     continue;
                 }
                 let off = r * region_bytes;
@@ -665,6 +703,7 @@ impl Disk {
                         self.set_entry(extent as u32, b, CsumEntry::Data(crc32c(blk)));
                     }
                 }
+                tracing::info!(disk = %self.path.display(), extent, region = r, "recomputing checksums of a region written at the crash");
                 recovered += 1;
             }
         }

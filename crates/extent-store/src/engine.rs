@@ -347,6 +347,7 @@ impl UringShared {
             return (Err(engine_gone()), buf);
         };
         let (reply, rx) = oneshot::channel();
+        let mut submitted;
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let st = &mut *st;
@@ -377,13 +378,20 @@ impl UringShared {
                     tracing::error!(error = %e, "io_uring submit failed");
                 }
             }
-            if let Err(e) = st.ring.submit() {
-                let p = st.slots[idx].take();
-                st.free.push(idx);
-                if let Some(p) = p {
-                    return (Err(e), p.buf);
-                }
+            submitted = st.ring.submit().is_ok();
+        }
+        // The SQE is in the ring and owns its buffer from here on: it can't
+        // be taken back, so a failed enter (EAGAIN, EBUSY, EINTR) is retried
+        // until the kernel has taken it.
+        let mut tries = 0u32;
+        while !submitted {
+            tries += 1;
+            if tries % 1000 == 1 {
+                tracing::warn!(tries, "io_uring submit failing; retrying");
             }
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            submitted = st.ring.submission().is_empty() || st.ring.submit().is_ok();
         }
         match rx.await {
             Ok(done) => done,

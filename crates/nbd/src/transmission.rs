@@ -270,7 +270,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         }
 
         let payload = if req.command == CMD_WRITE {
-            let mut buf = AlignedBuf::zeroed(req.len as usize);
+            let mut buf = AlignedBuf::for_overwrite(req.len as usize);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
