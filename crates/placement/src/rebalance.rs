@@ -37,6 +37,7 @@
 //! extent are not moved at all (rebuild them first); they are listed in
 //! [`RebalancePlan::skipped`].
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use crate::error::PlacementError;
@@ -156,8 +157,15 @@ struct Slot {
     /// the quick search starts after them (the full search does not), so a
     /// long run of extents that cannot move is not rescanned on every move.
     skip: usize,
-    /// No move out of this disk is possible: given up.
-    stuck: bool,
+    /// No move out of this disk is possible in a mode: given up on (per
+    /// [`Mode`]).
+    stuck: [bool; 3],
+    /// An extent has left this disk in the plan (its count never grew
+    /// since).
+    gave: bool,
+    /// Indices of the planned moves whose extent arrived here and is still
+    /// here.
+    arrivals: Vec<usize>,
 }
 
 impl Slot {
@@ -177,6 +185,33 @@ impl Slot {
     }
 }
 
+/// Marks a slab level not computed yet.
+const UNKNOWN: u8 = u8::MAX;
+
+/// What a move must achieve, given the totals `E` (extents above upper
+/// bounds) and `F` (extents missing below lower bounds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// From an over-full disk to an under-full one: lowers `E` and `F`.
+    Both = 0,
+    /// From an over-full disk to any disk below its upper bound: lowers `E`.
+    Excess = 1,
+    /// From any disk above its lower bound to an under-full one: lowers `F`.
+    Deficit = 2,
+}
+
+/// A planned move in slot terms, parallel to [`Balancer::moves`].
+#[derive(Clone, Copy)]
+struct Planned {
+    resident: (u32, u8),
+    to: usize,
+}
+
+/// How many `may_move` checks one search for a re-route or an eviction may
+/// spend before the disk is given up on: keeps a stuck disk in a large pool
+/// from costing more than a millisecond or so.
+const REROUTE_CHECKS_MAX: usize = 5_000;
+
 struct Balancer<'a> {
     topology: &'a Topology,
     slabs: &'a [Slab],
@@ -185,6 +220,13 @@ struct Balancer<'a> {
     excess_total: u64,
     deficit_total: u64,
     moves: Vec<Move>,
+    planned: Vec<Planned>,
+    /// Planned moves per slab index.
+    moves_of_slab: Vec<u16>,
+    /// Per slab index, the index of the level at which its extents are
+    /// distinct now, computed on first use (`UNKNOWN` until then, and again
+    /// after one of its extents moves).
+    levels: Vec<Cell<u8>>,
     skipped: Vec<SlabId>,
     traffic: TrafficCounter,
 }
@@ -234,7 +276,9 @@ impl<'a> Balancer<'a> {
                     high: 0,
                     residents: Vec::new(),
                     skip: 0,
-                    stuck: false,
+                    stuck: [false; 3],
+                    gave: false,
+                    arrivals: Vec::new(),
                 });
             }
         }
@@ -283,6 +327,9 @@ impl<'a> Balancer<'a> {
             excess_total,
             deficit_total,
             moves: Vec::new(),
+            planned: Vec::new(),
+            moves_of_slab: vec![0; slabs.len()],
+            levels: vec![Cell::new(UNKNOWN); slabs.len()],
             skipped,
             traffic: TrafficCounter::default(),
         }
@@ -291,68 +338,140 @@ impl<'a> Balancer<'a> {
     /// Plan one move, or give up on one source disk. False when there is
     /// nothing left to do or nothing more that can be done.
     fn step(&mut self) -> bool {
-        if self.excess_total == 0 && self.deficit_total == 0 {
-            return false;
-        }
-        let Some(source) = self.best_source() else {
+        let (over, under) = (self.excess_total > 0, self.deficit_total > 0);
+        // Preferred mode first; the others are fallbacks once every source
+        // of the preferred one is given up on.
+        let modes: &[Mode] = match (over, under) {
+            (false, false) => return false,
+            (true, true) => &[Mode::Both, Mode::Excess, Mode::Deficit],
+            (true, false) => &[Mode::Excess],
+            (false, true) => &[Mode::Deficit],
+        };
+        let Some((mode, source)) = modes
+            .iter()
+            .find_map(|&mode| self.best_source(mode).map(|s| (mode, s)))
+        else {
             return false;
         };
-        let Some(first_choice) = self.best_target() else {
-            return false;
+        let Some(first_choice) = self.best_target(mode) else {
+            self.slots[source].stuck[mode as usize] = true;
+            return true;
         };
         let quick = self.quick_move_from(source, first_choice);
         let found = quick.or_else(|| {
             self.slots[source].skip = 0;
-            self.any_move_from(source)
+            self.any_move_from(source, mode)
         });
         match found {
             Some((pos, target)) => self.apply(source, pos, target),
-            None => self.slots[source].stuck = true,
+            None => match self.find_reroute(source, mode) {
+                Some(Reroute {
+                    pos,
+                    via,
+                    earlier,
+                    to,
+                }) => {
+                    self.reroute(earlier, to);
+                    self.apply(source, pos, via);
+                }
+                None => match self.find_eviction(source, mode) {
+                    Some(Eviction {
+                        pos,
+                        via,
+                        evicted,
+                        to,
+                    }) => {
+                        self.apply(via, evicted, to);
+                        self.apply(source, pos, via);
+                    }
+                    None => self.slots[source].stuck[mode as usize] = true,
+                },
+            },
         }
         true
     }
 
-    /// While some disk is over its upper bound (or leaving), the most
-    /// over-full of those, leaving disks first; otherwise the fullest disk
-    /// above its lower bound. If every over-full disk is stuck, the fullest
-    /// disk above its lower bound still feeds the under-full ones.
-    fn best_source(&self) -> Option<usize> {
-        let over = self.excess_total > 0;
-        let pick = |over: bool| {
-            self.slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| !s.stuck && !s.residents.is_empty())
-                .filter(|(_, s)| {
-                    if over {
-                        s.excess() > 0
-                    } else {
-                        s.role == Role::Target && s.count > s.low
-                    }
-                })
-                .max_by(|(i, a), (j, b)| {
-                    let ka = (a.role == Role::Leaving, Fill::new(a.count, a.capacity));
-                    let kb = (b.role == Role::Leaving, Fill::new(b.count, b.capacity));
-                    // Ties go to the lower index, as everywhere else.
-                    ka.cmp(&kb).then(j.cmp(i))
-                })
-                .map(|(i, _)| i)
-        };
-        match pick(over) {
-            None if over && self.deficit_total > 0 => pick(false),
-            found => found,
+    /// The last resort before giving up on `source`: an extent of `source`
+    /// that may go to a disk `via` that is at its bound, if some other
+    /// extent of `via` may make room by moving to a disk that takes extents
+    /// now. Two moves instead of one, the only way forward when the domain
+    /// rule pins extents (e.g. a slab whose other copies leave it a single
+    /// node, already full).
+    fn find_eviction(&self, source: usize, mode: Mode) -> Option<Eviction> {
+        let takers = self.targets(mode, false);
+        if takers.is_empty() {
+            return None;
         }
+        let mut checks = 0usize;
+        let residents = &self.slots[source].residents;
+        for (pos, &resident) in residents.iter().enumerate() {
+            for (via, slot) in self.slots.iter().enumerate() {
+                // `via` ends with the count it has now: it must be in bounds.
+                if via == source
+                    || slot.role != Role::Target
+                    || slot.count > slot.high
+                    || slot.residents.is_empty()
+                {
+                    continue;
+                }
+                checks += 1;
+                if checks > REROUTE_CHECKS_MAX {
+                    return None;
+                }
+                if !self.may_move(resident, via) {
+                    continue;
+                }
+                for (evicted, &other) in slot.residents.iter().enumerate() {
+                    if other.0 == resident.0 {
+                        continue;
+                    }
+                    for &to in &takers {
+                        checks += 1;
+                        if to != via && self.may_move(other, to) {
+                            return Some(Eviction {
+                                pos,
+                                via,
+                                evicted,
+                                to,
+                            });
+                        }
+                    }
+                    if checks > REROUTE_CHECKS_MAX {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
     }
 
-    /// Whether `slot` may receive an extent now.
-    fn takes(&self, slot: &Slot) -> bool {
-        let under = self.deficit_total > 0;
+    /// The source of the next move in `mode`: leaving disks first, then the
+    /// fullest.
+    fn best_source(&self, mode: Mode) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.stuck[mode as usize] && !s.residents.is_empty())
+            .filter(|(_, s)| match mode {
+                Mode::Both | Mode::Excess => s.excess() > 0,
+                Mode::Deficit => s.role == Role::Target && s.count > s.low,
+            })
+            .max_by(|(i, a), (j, b)| {
+                let ka = (a.role == Role::Leaving, Fill::new(a.count, a.capacity));
+                let kb = (b.role == Role::Leaving, Fill::new(b.count, b.capacity));
+                // Ties go to the lower index, as everywhere else.
+                ka.cmp(&kb).then(j.cmp(i))
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Whether `slot` may receive an extent in `mode`.
+    fn takes(slot: &Slot, mode: Mode) -> bool {
         slot.role == Role::Target
             && slot.count < slot.capacity
-            && if under {
-                slot.count < slot.low
-            } else {
-                slot.count < slot.high
+            && match mode {
+                Mode::Both | Mode::Deficit => slot.count < slot.low,
+                Mode::Excess => slot.count < slot.high,
             }
     }
 
@@ -360,11 +479,11 @@ impl<'a> Balancer<'a> {
         Fill::after_one_more(slot.count, slot.capacity)
     }
 
-    /// The emptiest disk that may receive an extent now.
-    fn best_target(&self) -> Option<usize> {
+    /// The emptiest disk that may receive an extent in `mode`.
+    fn best_target(&self, mode: Mode) -> Option<usize> {
         let mut best: Option<(Fill, usize)> = None;
         for (i, slot) in self.slots.iter().enumerate() {
-            if !self.takes(slot) {
+            if !Self::takes(slot, mode) {
                 continue;
             }
             let key = Self::target_key(slot);
@@ -373,6 +492,19 @@ impl<'a> Balancer<'a> {
             }
         }
         best.map(|(_, i)| i)
+    }
+
+    /// The disks that may receive an extent in `mode`, emptiest first.
+    fn targets(&self, mode: Mode, fresh_only: bool) -> Vec<usize> {
+        let mut targets: Vec<(Fill, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| Self::takes(s, mode) && !(fresh_only && s.gave))
+            .map(|(i, s)| (Self::target_key(s), i))
+            .collect();
+        targets.sort();
+        targets.into_iter().map(|(_, i)| i).collect()
     }
 
     /// A resident of `source` that may move to `target`, scanning from the
@@ -389,24 +521,90 @@ impl<'a> Balancer<'a> {
         None
     }
 
-    /// Any (resident position, target) pair out of `source`, trying targets
-    /// emptiest first.
-    fn any_move_from(&self, source: usize) -> Option<(usize, usize)> {
-        let mut targets: Vec<(Fill, usize)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| self.takes(s))
-            .map(|(i, s)| (Self::target_key(s), i))
-            .collect();
-        targets.sort();
+    /// Any (resident position, target) pair out of `source` in `mode`,
+    /// trying targets emptiest first.
+    fn any_move_from(&self, source: usize, mode: Mode) -> Option<(usize, usize)> {
+        let targets = self.targets(mode, false);
         let residents = &self.slots[source].residents;
         (0..residents.len()).find_map(|pos| {
             targets
                 .iter()
-                .find(|&&(_, t)| self.may_move(residents[pos], t))
-                .map(|&(_, t)| (pos, t))
+                .find(|&&t| self.may_move(residents[pos], t))
+                .map(|&t| (pos, t))
         })
+    }
+
+    /// When no extent of `source` may go to any disk that takes extents now:
+    /// an extent of `source` that may go to a disk `via` where an earlier
+    /// move of the plan put an extent, which may instead go to a disk `to`
+    /// that takes extents now. Re-routing that earlier move to `to` and
+    /// moving into `via` has the effect of a direct move to `to`, with the
+    /// same number of moves: one augmenting step of a matching.
+    ///
+    /// Only earlier moves of slabs that move nothing else, into disks that
+    /// never gave an extent, are re-routed, so every step of the plan still
+    /// keeps capacities and domains when run in order.
+    fn find_reroute(&self, source: usize, mode: Mode) -> Option<Reroute> {
+        let takers = self.targets(mode, true);
+        if takers.is_empty() {
+            return None;
+        }
+        let mut checks = 0usize;
+        let residents = &self.slots[source].residents;
+        for (pos, &resident) in residents.iter().enumerate() {
+            for (via, slot) in self.slots.iter().enumerate() {
+                if via == source || slot.arrivals.is_empty() {
+                    continue;
+                }
+                checks += 1;
+                if checks > REROUTE_CHECKS_MAX {
+                    return None;
+                }
+                if !self.may_move(resident, via) {
+                    continue;
+                }
+                for &earlier in slot.arrivals.iter().rev() {
+                    let moved = self.planned[earlier].resident;
+                    if moved.0 == resident.0 || self.moves_of_slab[moved.0 as usize] != 1 {
+                        continue;
+                    }
+                    for &to in &takers {
+                        checks += 1;
+                        if to != via && self.may_move(moved, to) {
+                            return Some(Reroute {
+                                pos,
+                                via,
+                                earlier,
+                                to,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Send the extent of planned move `earlier` to `to` instead.
+    fn reroute(&mut self, earlier: usize, to: usize) {
+        let Planned { resident, to: via } = self.planned[earlier];
+        let Some(pos) = self.slots[via]
+            .residents
+            .iter()
+            .position(|&r| r == resident)
+        else {
+            // Unreachable: `arrivals` only lists extents still there.
+            return;
+        };
+        self.relocate(via, pos, to);
+        self.slots[via].arrivals.retain(|&m| m != earlier);
+        self.slots[to].arrivals.push(earlier);
+        self.planned[earlier].to = to;
+        self.traffic.unwrite(self.slots[via].node);
+        self.traffic.write(self.slots[to].node);
+        self.moves[earlier].to = self
+            .topology
+            .location(self.slots[to].node, self.slots[to].disk);
     }
 
     /// Moving this shard to `target` keeps its slab distinct at the level it
@@ -414,31 +612,44 @@ impl<'a> Balancer<'a> {
     fn may_move(&self, (slab, shard): (u32, u8), target: usize) -> bool {
         let locs = self.table.extents(slab as usize);
         let nodes = self.topology.nodes();
-        let level = distinct_level(self.topology, locs.iter().map(|l| l.node()))
-            .unwrap_or(DomainLevel::Node);
+        let cached = &self.levels[slab as usize];
+        let level = match DomainLevel::ALL.get(cached.get() as usize) {
+            Some(&level) => level,
+            None => {
+                let level = distinct_level(self.topology, locs.iter().map(|l| l.node()))
+                    .unwrap_or(DomainLevel::Node);
+                cached.set(level.index() as u8);
+                level
+            }
+        };
         let domain = nodes[self.slots[target].node].domain(level);
         locs.iter()
             .enumerate()
             .all(|(i, l)| i == shard as usize || nodes[l.node()].domain(level) != domain)
     }
 
-    fn apply(&mut self, source: usize, pos: usize, target: usize) {
+    /// Move the resident at `pos` of `source` to `target`, keeping counts,
+    /// totals, residents and the slab table right.
+    fn relocate(&mut self, source: usize, pos: usize, target: usize) -> (u32, u8) {
         for i in [source, target] {
             self.excess_total -= self.slots[i].excess();
             self.deficit_total -= self.slots[i].deficit();
         }
-        // The last resident takes `pos`; it was not skipped (pos >= skip).
+        // The last resident takes `pos`; it was not skipped (pos >= skip) or
+        // the skip mark is reset below.
         let (slab, shard) = self.slots[source].residents.swap_remove(pos);
-        let source_slot = &mut self.slots[source];
-        source_slot.skip = source_slot.skip.min(source_slot.residents.len());
-        self.slots[source].count -= 1;
-        self.slots[target].count += 1;
-        self.slots[target].residents.push((slab, shard));
+        let from = &mut self.slots[source];
+        from.skip = from.skip.min(pos).min(from.residents.len());
+        from.count -= 1;
+        let to = &mut self.slots[target];
+        to.count += 1;
+        to.residents.push((slab, shard));
         for i in [source, target] {
             self.excess_total += self.slots[i].excess();
             self.deficit_total += self.slots[i].deficit();
         }
-        let (from, to) = (&self.slots[source], &self.slots[target]);
+        self.levels[slab as usize].set(UNKNOWN);
+        let to = &self.slots[target];
         self.table.set(
             slab as usize,
             shard as usize,
@@ -447,15 +658,54 @@ impl<'a> Balancer<'a> {
                 disk: to.disk as u16,
             },
         );
+        (slab, shard)
+    }
+
+    /// Plan a new move of the resident at `pos` of `source` to `target`.
+    fn apply(&mut self, source: usize, pos: usize, target: usize) {
+        let resident = self.relocate(source, pos, target);
+        self.slots[source].gave = true;
+        self.slots[target].arrivals.push(self.moves.len());
+        self.moves_of_slab[resident.0 as usize] =
+            self.moves_of_slab[resident.0 as usize].saturating_add(1);
+        let (from, to) = (&self.slots[source], &self.slots[target]);
         self.traffic.read(from.node);
         self.traffic.write(to.node);
+        self.planned.push(Planned {
+            resident,
+            to: target,
+        });
         self.moves.push(Move {
-            slab: self.slabs[slab as usize].id,
-            shard,
+            slab: self.slabs[resident.0 as usize].id,
+            shard: resident.1,
             from: self.topology.location(from.node, from.disk),
             to: self.topology.location(to.node, to.disk),
         });
     }
+}
+
+/// See [`Balancer::find_eviction`].
+struct Eviction {
+    /// Position of the extent to move among the source's residents.
+    pos: usize,
+    /// Where it goes: a disk at its bound.
+    via: usize,
+    /// Position of the extent that makes room among `via`'s residents.
+    evicted: usize,
+    /// Where that extent goes.
+    to: usize,
+}
+
+/// See [`Balancer::find_reroute`].
+struct Reroute {
+    /// Position of the extent to move among the source's residents.
+    pos: usize,
+    /// Where it goes: the disk an earlier move is re-routed away from.
+    via: usize,
+    /// Index of that earlier move.
+    earlier: usize,
+    /// Where the earlier move goes instead.
+    to: usize,
 }
 
 #[cfg(test)]

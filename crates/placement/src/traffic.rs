@@ -31,6 +31,11 @@ impl TrafficCounter {
         self.writes[node] += 1;
     }
 
+    /// Take back one write (a planned move was sent elsewhere).
+    pub(crate) fn unwrite(&mut self, node: usize) {
+        self.writes[node] = self.writes[node].saturating_sub(1);
+    }
+
     pub(crate) fn reads(&self, node: usize) -> u64 {
         self.reads[node]
     }
