@@ -145,7 +145,7 @@ pub fn allocate_slab(
 /// `count` nodes on distinct domains (none in `taken`), lowest key first,
 /// the first `must_tight` of them from the `tight` domains.
 fn greedy(
-    candidates: &Candidates<'_, u64>,
+    candidates: &Candidates<'_>,
     mut taken: u32,
     must_tight: usize,
     tight: u32,
@@ -177,11 +177,7 @@ mod tests {
     fn pool(paths: &[&str], capacity: u64) -> Topology {
         let mut t = Topology::new(1 << 20).expect("topology");
         for (i, path) in paths.iter().enumerate() {
-            let id = NodeId(i as u32);
-            t.add_node(id, FaultDomain::parse(path).expect("path"), NodeState::Up)
-                .expect("node");
-            t.add_disk(id, DiskSpec::empty(DiskId(i as u128), capacity))
-                .expect("disk");
+            crate::testing::add_node(&mut t, i as u32, path, &[capacity]);
         }
         t
     }

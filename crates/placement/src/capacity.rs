@@ -91,20 +91,11 @@ pub fn capacity(topology: &Topology, resiliency: Resiliency) -> Capacity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{DiskId, DiskSpec, FaultDomain, NodeId, NodeState};
 
     fn pool(caps: &[u64]) -> Topology {
         let mut t = Topology::new(1 << 30).expect("topology");
         for (i, &cap) in caps.iter().enumerate() {
-            let id = NodeId(i as u32);
-            t.add_node(
-                id,
-                FaultDomain::parse(&format!("n{i}")).expect("p"),
-                NodeState::Up,
-            )
-            .expect("node");
-            t.add_disk(id, DiskSpec::empty(DiskId(i as u128), cap))
-                .expect("disk");
+            crate::testing::add_node(&mut t, i as u32, &format!("n{i}"), &[cap]);
         }
         t
     }

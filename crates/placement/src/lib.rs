@@ -87,6 +87,8 @@ pub mod rebuild;
 mod resiliency;
 mod select;
 mod slab;
+#[cfg(test)]
+mod testing;
 mod topology;
 mod traffic;
 

@@ -364,85 +364,19 @@ impl<'a> Balancer<'a> {
         });
         match found {
             Some((pos, target)) => self.apply(source, pos, target),
-            None => match self.find_reroute(source, mode) {
-                Some(Reroute {
-                    pos,
-                    via,
-                    earlier,
-                    to,
-                }) => {
-                    self.reroute(earlier, to);
-                    self.apply(source, pos, via);
-                }
-                None => match self.find_eviction(source, mode) {
-                    Some(Eviction {
-                        pos,
-                        via,
-                        evicted,
-                        to,
-                    }) => {
-                        self.apply(via, evicted, to);
-                        self.apply(source, pos, via);
-                    }
-                    None => self.slots[source].stuck[mode as usize] = true,
-                },
-            },
-        }
-        true
-    }
-
-    /// The last resort before giving up on `source`: an extent of `source`
-    /// that may go to a disk `via` that is at its bound, if some other
-    /// extent of `via` may make room by moving to a disk that takes extents
-    /// now. Two moves instead of one, the only way forward when the domain
-    /// rule pins extents (e.g. a slab whose other copies leave it a single
-    /// node, already full).
-    fn find_eviction(&self, source: usize, mode: Mode) -> Option<Eviction> {
-        let takers = self.targets(mode, false);
-        if takers.is_empty() {
-            return None;
-        }
-        let mut checks = 0usize;
-        let residents = &self.slots[source].residents;
-        for (pos, &resident) in residents.iter().enumerate() {
-            for (via, slot) in self.slots.iter().enumerate() {
-                // `via` ends with the count it has now: it must be in bounds.
-                if via == source
-                    || slot.role != Role::Target
-                    || slot.count > slot.high
-                    || slot.residents.is_empty()
-                {
-                    continue;
-                }
-                checks += 1;
-                if checks > REROUTE_CHECKS_MAX {
-                    return None;
-                }
-                if !self.may_move(resident, via) {
-                    continue;
-                }
-                for (evicted, &other) in slot.residents.iter().enumerate() {
-                    if other.0 == resident.0 {
-                        continue;
-                    }
-                    for &to in &takers {
-                        checks += 1;
-                        if to != via && self.may_move(other, to) {
-                            return Some(Eviction {
-                                pos,
-                                via,
-                                evicted,
-                                to,
-                            });
-                        }
-                    }
-                    if checks > REROUTE_CHECKS_MAX {
-                        return None;
-                    }
+            None => {
+                if let Some(f) = self.find_detour(source, mode, Detour::Reroute) {
+                    self.reroute(f.other, f.to);
+                    self.apply(source, f.pos, f.via);
+                } else if let Some(f) = self.find_detour(source, mode, Detour::Evict) {
+                    self.apply(f.via, f.other, f.to);
+                    self.apply(source, f.pos, f.via);
+                } else {
+                    self.slots[source].stuck[mode as usize] = true;
                 }
             }
         }
-        None
+        true
     }
 
     /// The source of the next move in `mode`: leaving disks first, then the
@@ -534,18 +468,23 @@ impl<'a> Balancer<'a> {
         })
     }
 
-    /// When no extent of `source` may go to any disk that takes extents now:
-    /// an extent of `source` that may go to a disk `via` where an earlier
-    /// move of the plan put an extent, which may instead go to a disk `to`
-    /// that takes extents now. Re-routing that earlier move to `to` and
-    /// moving into `via` has the effect of a direct move to `to`, with the
-    /// same number of moves: one augmenting step of a matching.
+    /// When no extent of `source` may go to any disk that takes extents now,
+    /// a detour of the given kind: an extent of `source` that may go to a
+    /// disk `via`, if another extent there may leave `via` for a disk `to`
+    /// that takes extents now.
     ///
-    /// Only earlier moves of slabs that move nothing else, into disks that
-    /// never gave an extent, are re-routed, so every step of the plan still
-    /// keeps capacities and domains when run in order.
-    fn find_reroute(&self, source: usize, mode: Mode) -> Option<Reroute> {
-        let takers = self.targets(mode, true);
+    /// - [`Detour::Reroute`]: the other extent arrived at `via` by an earlier
+    ///   move of this plan, which is sent to `to` instead. Same effect as a
+    ///   direct move to `to`, same number of moves: one augmenting step of a
+    ///   matching. Only earlier moves of slabs that move nothing else, to
+    ///   disks that never gave an extent, are re-routed, so every step of
+    ///   the plan still keeps capacities and domains when run in order.
+    /// - [`Detour::Evict`]: any other extent of `via` (a disk within its
+    ///   bounds) moves to `to` first. Two moves instead of one: the last
+    ///   resort when the domain rule pins extents (e.g. a slab whose other
+    ///   copies leave it a single node, already full).
+    fn find_detour(&self, source: usize, mode: Mode, kind: Detour) -> Option<Found> {
+        let takers = self.targets(mode, kind == Detour::Reroute);
         if takers.is_empty() {
             return None;
         }
@@ -553,7 +492,17 @@ impl<'a> Balancer<'a> {
         let residents = &self.slots[source].residents;
         for (pos, &resident) in residents.iter().enumerate() {
             for (via, slot) in self.slots.iter().enumerate() {
-                if via == source || slot.arrivals.is_empty() {
+                let usable = match kind {
+                    Detour::Reroute => !slot.arrivals.is_empty(),
+                    // `via` ends with the count it has now: it must be in
+                    // bounds.
+                    Detour::Evict => {
+                        slot.role == Role::Target
+                            && slot.count <= slot.high
+                            && !slot.residents.is_empty()
+                    }
+                };
+                if via == source || !usable {
                     continue;
                 }
                 checks += 1;
@@ -563,21 +512,33 @@ impl<'a> Balancer<'a> {
                 if !self.may_move(resident, via) {
                     continue;
                 }
-                for &earlier in slot.arrivals.iter().rev() {
-                    let moved = self.planned[earlier].resident;
-                    if moved.0 == resident.0 || self.moves_of_slab[moved.0 as usize] != 1 {
+                // (index among arrivals or residents, the extent there)
+                let others: Vec<(usize, (u32, u8))> = match kind {
+                    Detour::Reroute => slot
+                        .arrivals
+                        .iter()
+                        .map(|&m| (m, self.planned[m].resident))
+                        .filter(|&(_, moved)| self.moves_of_slab[moved.0 as usize] == 1)
+                        .collect(),
+                    Detour::Evict => slot.residents.iter().copied().enumerate().collect(),
+                };
+                for (other_at, other) in others {
+                    if other.0 == resident.0 {
                         continue;
                     }
                     for &to in &takers {
                         checks += 1;
-                        if to != via && self.may_move(moved, to) {
-                            return Some(Reroute {
+                        if to != via && self.may_move(other, to) {
+                            return Some(Found {
                                 pos,
                                 via,
-                                earlier,
+                                other: other_at,
                                 to,
                             });
                         }
+                    }
+                    if checks > REROUTE_CHECKS_MAX {
+                        return None;
                     }
                 }
             }
@@ -684,67 +645,40 @@ impl<'a> Balancer<'a> {
     }
 }
 
-/// See [`Balancer::find_eviction`].
-struct Eviction {
-    /// Position of the extent to move among the source's residents.
-    pos: usize,
-    /// Where it goes: a disk at its bound.
-    via: usize,
-    /// Position of the extent that makes room among `via`'s residents.
-    evicted: usize,
-    /// Where that extent goes.
-    to: usize,
+/// The kinds of detour [`Balancer::find_detour`] looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detour {
+    Reroute,
+    Evict,
 }
 
-/// See [`Balancer::find_reroute`].
-struct Reroute {
+/// A detour found by [`Balancer::find_detour`].
+struct Found {
     /// Position of the extent to move among the source's residents.
     pos: usize,
-    /// Where it goes: the disk an earlier move is re-routed away from.
+    /// Where it goes.
     via: usize,
-    /// Index of that earlier move.
-    earlier: usize,
-    /// Where the earlier move goes instead.
+    /// The other extent: the index of its earlier move (re-route) or its
+    /// position among `via`'s residents (eviction).
+    other: usize,
+    /// Where the other extent goes.
     to: usize,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allocate::allocate_slab;
     use crate::resiliency::Resiliency;
-    use crate::topology::{DiskId, DiskSpec, FaultDomain, NodeState};
+    use crate::testing::{fill, flat_pool};
+    use crate::topology::{DiskId, DiskSpec, NodeState};
 
-    fn add_node(t: &mut Topology, n: u32, disks: u32, capacity: u64) {
-        let id = NodeId(n);
-        t.add_node(
-            id,
-            FaultDomain::parse(&format!("n{n}")).expect("p"),
-            NodeState::Up,
-        )
-        .expect("node");
-        for d in 0..disks {
-            t.add_disk(id, DiskSpec::empty(DiskId((n * 100 + d) as u128), capacity))
-                .expect("disk");
-        }
+    fn add_node(t: &mut Topology, n: u32, disks: usize, capacity: u64) {
+        crate::testing::add_node(t, n, &format!("n{n}"), &vec![capacity; disks]);
     }
 
     fn filled(nodes: u32, r: Resiliency, count: u64) -> (Topology, Vec<Slab>) {
-        let mut t = Topology::new(1 << 20).expect("topology");
-        for n in 0..nodes {
-            add_node(&mut t, n, 2, 100);
-        }
-        let slabs = (0..count)
-            .map(|i| {
-                let layout = allocate_slab(&t, r, None).expect("fits");
-                t.commit(&layout.extents).expect("commit");
-                Slab {
-                    id: SlabId(i),
-                    resiliency: r,
-                    extents: layout.extents,
-                }
-            })
-            .collect();
+        let mut t = flat_pool(1 << 20, nodes, 2, 100);
+        let slabs = fill(&mut t, r, count);
         (t, slabs)
     }
 

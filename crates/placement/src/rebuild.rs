@@ -37,7 +37,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::PlacementError;
-use crate::select::{Candidates, Mask, bit, distinct_level, jitter, node_keys};
+use crate::select::{Candidates, KEY_BITS, Mask, bit, distinct_level, jitter, node_keys};
 use crate::slab::{Loc, Slab, SlabTable};
 use crate::topology::{CopyState, DomainLevel, ExtentLocation, NodeId, SlabId, Topology};
 use crate::traffic::{NodeTraffic, TrafficCounter};
@@ -278,10 +278,11 @@ impl Planner {
         replace: &[usize],
     ) -> Vec<Option<usize>> {
         let nodes = self.ledger.nodes();
+        // Nodes over the write cap come after every node under it.
         let keys = node_keys(&self.ledger, |ni, node| {
             node.best_score().map(|score| {
-                let over_cap = self.traffic.writes(ni) >= self.write_cap;
-                (over_cap, score.saturating_add(jitter(seed, node.id())))
+                let over_cap = u64::from(self.traffic.writes(ni) >= self.write_cap);
+                (over_cap << (KEY_BITS - 1)) | score.saturating_add(jitter(seed, node.id()))
             })
         });
         // The domains of `members` at `level`, if pairwise distinct.
@@ -402,40 +403,12 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::allocate::allocate_slab;
     use crate::resiliency::Resiliency;
-    use crate::topology::{DiskId, DiskSpec, DiskState, FaultDomain, NodeState};
+    use crate::testing::fill;
+    use crate::topology::{DiskId, DiskState, NodeState};
 
-    fn pool(nodes: u32, disks: u32, capacity: u64) -> Topology {
-        let mut t = Topology::new(4 << 20).expect("topology");
-        for n in 0..nodes {
-            let id = NodeId(n);
-            t.add_node(
-                id,
-                FaultDomain::parse(&format!("n{n}")).expect("p"),
-                NodeState::Up,
-            )
-            .expect("node");
-            for d in 0..disks {
-                t.add_disk(id, DiskSpec::empty(DiskId((n * 100 + d) as u128), capacity))
-                    .expect("disk");
-            }
-        }
-        t
-    }
-
-    fn fill(t: &mut Topology, r: Resiliency, count: u64) -> Vec<Slab> {
-        (0..count)
-            .map(|i| {
-                let layout = allocate_slab(t, r, None).expect("fits");
-                t.commit(&layout.extents).expect("commit");
-                Slab {
-                    id: SlabId(i),
-                    resiliency: r,
-                    extents: layout.extents,
-                }
-            })
-            .collect()
+    fn pool(nodes: u32, disks: usize, capacity: u64) -> Topology {
+        crate::testing::flat_pool(4 << 20, nodes, disks, capacity)
     }
 
     #[test]

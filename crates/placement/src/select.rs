@@ -77,23 +77,31 @@ pub(crate) fn distinct_level(
     })
 }
 
-/// A key per node index (`None`: the node takes nothing), computed once
-/// per decision.
-pub(crate) fn node_keys<K: Copy>(
+/// Keys fit in this many bits, leaving room for the node index below them.
+pub(crate) const KEY_BITS: u32 = 59;
+const INDEX_BITS: u32 = 64 - KEY_BITS;
+const _: () = assert!(NODES_MAX <= 1 << INDEX_BITS);
+
+/// A key per node index, lower is better, at most `2^KEY_BITS - 1`
+/// (`None`: the node takes nothing), packed with the node index so that one
+/// `u64` comparison orders by key, then by index. Computed once per decision.
+pub(crate) fn node_keys(
     topology: &Topology,
-    mut key: impl FnMut(usize, &Node) -> Option<K>,
-) -> [Option<K>; NODES_MAX] {
-    let mut keys = [None; NODES_MAX];
+    mut key: impl FnMut(usize, &Node) -> Option<u64>,
+) -> [u64; NODES_MAX] {
+    let mut packed = [u64::MAX; NODES_MAX];
     for (i, node) in topology.nodes().iter().enumerate() {
-        keys[i] = key(i, node);
+        if let Some(k) = key(i, node) {
+            packed[i] = (k.min((1 << KEY_BITS) - 1) << INDEX_BITS) | i as u64;
+        }
     }
-    keys
+    packed
 }
 
-/// The nodes that may take an extent, each with its key (lower is better)
-/// and its domain at one level.
-pub(crate) struct Candidates<'k, K> {
-    keys: &'k [Option<K>; NODES_MAX],
+/// The nodes that may take an extent, each with its packed key (see
+/// [`node_keys`]) and its domain at one level.
+pub(crate) struct Candidates<'k> {
+    packed: &'k [u64; NODES_MAX],
     domains: [u8; NODES_MAX],
     /// Node-index mask of each domain's nodes.
     members: [Mask; NODES_MAX],
@@ -101,11 +109,11 @@ pub(crate) struct Candidates<'k, K> {
     keyed: Mask,
 }
 
-impl<'k, K: Ord + Copy> Candidates<'k, K> {
+impl<'k> Candidates<'k> {
     pub(crate) fn new(
         topology: &Topology,
         level: DomainLevel,
-        keys: &'k [Option<K>; NODES_MAX],
+        packed: &'k [u64; NODES_MAX],
     ) -> Self {
         let mut domains = [0; NODES_MAX];
         let mut members = [0; NODES_MAX];
@@ -114,12 +122,12 @@ impl<'k, K: Ord + Copy> Candidates<'k, K> {
             let d = node.domain(level);
             domains[i] = d;
             members[d as usize] |= 1 << i;
-            if keys[i].is_some() {
+            if packed[i] != u64::MAX {
                 keyed |= 1 << i;
             }
         }
         Self {
-            keys,
+            packed,
             domains,
             members,
             keyed,
@@ -140,17 +148,12 @@ impl<'k, K: Ord + Copy> Candidates<'k, K> {
             domains &= domains - 1;
         }
         let mut free = self.keyed & !blocked;
-        let mut best: Option<(K, usize)> = None;
+        let mut best = u64::MAX;
         while free != 0 {
-            let i = free.trailing_zeros() as usize;
+            best = best.min(self.packed[free.trailing_zeros() as usize]);
             free &= free - 1;
-            if let Some(k) = self.keys[i]
-                && best.is_none_or(|(b, _)| k < b)
-            {
-                best = Some((k, i));
-            }
         }
-        best.map(|(_, i)| i)
+        (best != u64::MAX).then_some((best & ((1 << INDEX_BITS) - 1)) as usize)
     }
 
     /// `count` nodes on pairwise distinct domains, none in `taken`, each

@@ -100,6 +100,15 @@ impl Sim {
         true
     }
 
+    /// Slab id to position in `slabs`.
+    fn slab_index(&self) -> BTreeMap<SlabId, usize> {
+        self.slabs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect()
+    }
+
     /// Every disk's used count is the number of slab extents on it.
     pub fn check_accounting(&self) {
         let mut on: BTreeMap<ExtentLocation, u64> = BTreeMap::new();
@@ -267,12 +276,7 @@ impl Sim {
     }
 
     fn apply_rebuild(&mut self, plan: &RebuildPlan) {
-        let index: BTreeMap<SlabId, usize> = self
-            .slabs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id, i))
-            .collect();
+        let index = self.slab_index();
         for task in &plan.tasks {
             let slab = &mut self.slabs[index[&task.slab]];
             for target in &task.targets {
@@ -353,12 +357,7 @@ impl Sim {
             skipped
         );
         let bounds = self.balanced_bounds(options.tolerance_bp, &skipped);
-        let index: BTreeMap<SlabId, usize> = self
-            .slabs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id, i))
-            .collect();
+        let index = self.slab_index();
         for m in &plan.moves {
             assert!(!skipped.contains(&m.slab), "moved a degraded slab");
             let slab = &mut self.slabs[index[&m.slab]];
