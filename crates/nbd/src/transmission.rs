@@ -190,10 +190,14 @@ async fn read_requests<R: AsyncRead + Unpin>(
     stop: &CancellationToken,
 ) -> Result<(), NbdError> {
     let mut header = [0u8; REQUEST_HEADER_LEN];
+    // One registration with the token for the connection's life: creating
+    // a `cancelled()` future per request costs a lock on the token twice.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return Ok(()),
+            _ = &mut cancelled => return Ok(()),
             r = rd.read_exact(&mut header) => match r {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -221,7 +225,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         };
         let admission = tokio::select! {
             biased;
-            _ = stop.cancelled() => return Ok(()),
+            _ = &mut cancelled => return Ok(()),
             a = limits.admit(payload_bytes) => a,
         };
         let Some(admission) = admission else {
@@ -254,7 +258,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             if req.command == CMD_WRITE && req.len > 0 {
                 tokio::select! {
                     biased;
-                    _ = stop.cancelled() => return Ok(()),
+                    _ = &mut cancelled => return Ok(()),
                     r = discard(rd, req.len.into()) => r?,
                 }
             }
@@ -273,7 +277,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             let mut buf = AlignedBuf::for_overwrite(req.len as usize);
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return Ok(()),
+                _ = &mut cancelled => return Ok(()),
                 r = rd.read_exact(&mut buf) => { r?; }
             }
             Some(buf)
