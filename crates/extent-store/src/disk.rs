@@ -358,8 +358,8 @@ impl Disk {
     fn check_range(&self, extent: u32, off: u64, len: u64) {
         assert!(
             (extent as u64) < self.layout.extent_count
-                && off % BS == 0
-                && len % BS == 0
+                && off.is_multiple_of(BS)
+                && len.is_multiple_of(BS)
                 && off + len <= self.layout.extent_size,
             "extent I/O out of range: extent {extent} [{off}, +{len})"
         );
@@ -449,15 +449,15 @@ impl Disk {
                 Some((a, b)) => (a.min(blk), b.max(blk)),
             });
         }
-        if let Some((a, b)) = dirty_block {
-            if let Err(e) = self.persist_intent_blocks(&st, a, b, true).await {
-                for r in first..=last {
-                    if let Some(s) = st.regions.get_mut(&r) {
-                        s.inflight -= 1;
-                    }
+        if let Some((a, b)) = dirty_block
+            && let Err(e) = self.persist_intent_blocks(&st, a, b, true).await
+        {
+            for r in first..=last {
+                if let Some(s) = st.regions.get_mut(&r) {
+                    s.inflight -= 1;
                 }
-                return Err(e);
             }
+            return Err(e);
         }
         Ok(())
     }

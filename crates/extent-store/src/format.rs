@@ -45,7 +45,7 @@ pub const CSUM_ENTRY_BYTES: u64 = 8;
 /// Largest extent the format accepts.
 pub const EXTENT_SIZE_MAX: u64 = 4096 * MIB;
 
-const _: () = assert!(BLOCK_SIZE as u64 % RECORD_BYTES == 0);
+const _: () = assert!((BLOCK_SIZE as u64).is_multiple_of(RECORD_BYTES));
 const _: () = assert!(SB_B_OFFSET + BLOCK_SIZE as u64 <= HEADER_BYTES);
 
 fn round_up(v: u64, to: u64) -> u64 {
@@ -70,7 +70,7 @@ pub struct Layout {
 impl Layout {
     /// The layout with as many extents as fit on a disk of `disk_size` bytes.
     pub fn compute(disk_size: u64, extent_size: u64) -> Result<Layout, StoreError> {
-        if extent_size == 0 || extent_size % MIB != 0 || extent_size > EXTENT_SIZE_MAX {
+        if extent_size == 0 || !extent_size.is_multiple_of(MIB) || extent_size > EXTENT_SIZE_MAX {
             return Err(StoreError::Config(format!(
                 "extent size {extent_size} must be a non-zero multiple of 1 MiB, at most 4 GiB"
             )));
