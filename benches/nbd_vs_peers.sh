@@ -47,7 +47,7 @@ for _ in $(seq 100); do $BIN/s2dctl --endpoint $GRPC pool status >/dev/null 2>&1
 $BIN/s2dctl --endpoint $GRPC volume create bench --size "$SIZE" >/dev/null
 fio --name=fill --ioengine=nbd --uri="nbd://$S2D_NBD/bench" --size="$SIZE" --rw=write --bs=1M \
     --iodepth=8 --output=/dev/null
-for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$QEMU_PORT) 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 50); do nbdinfo --size "nbd://127.0.0.1:$QEMU_PORT/bench" >/dev/null 2>&1 && break; sleep 0.1; done
 
 JOBS=(
   "randwrite-4k-qd1 --rw=randwrite --bs=4k --iodepth=1"
