@@ -134,14 +134,45 @@ fn verify(node: &Node, ledger: &Ledger) -> usize {
 
 #[test]
 fn kill_9_during_writes_loses_nothing_flushed_and_no_checksum_fails() {
-    let mut node = Node::start(NodeOptions::default());
+    crash_rounds("uring");
+}
+
+#[test]
+fn kill_9_during_writes_loses_nothing_flushed_with_the_sync_engine() {
+    crash_rounds("sync");
+}
+
+fn crash_rounds(io_engine: &'static str) {
+    let mut node = Node::start(NodeOptions {
+        io_engine,
+        ..NodeOptions::default()
+    });
     node.create_volume("crash", "64MiB");
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     for round in 0..3u64 {
         let stop = Arc::new(AtomicBool::new(false));
         let (addr, l, s) = (node.nbd, ledger.clone(), stop.clone());
         let w = std::thread::spawn(move || writer(addr, l, round * 1_000_000_000, s));
-        std::thread::sleep(Duration::from_millis(700 + round * 400));
+        // Let the workload get going (slow machines included), then kill
+        // at a point that differs per round.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let target = 150 * (round + 1);
+            let (acked, flushes) = {
+                let l = ledger.lock().expect("ledger");
+                (l.acked, l.flushes)
+            };
+            if acked >= target && flushes >= 3 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: workload stalled at {acked} writes, {flushes} flushes; log:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50 + round * 70));
         node.kill9();
         stop.store(true, Ordering::Relaxed);
         w.join().expect("writer thread");
