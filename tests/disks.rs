@@ -263,14 +263,24 @@ fn storaged_starts_from_a_toml_config_and_refuses_a_bad_one() {
 
 #[test]
 fn a_disk_in_use_by_a_running_storaged_is_refused() {
-    let a = Node::start(NodeOptions { disks: 1, ..NodeOptions::default() });
-    let b = Node::start(NodeOptions { disks: 1, ..NodeOptions::default() });
+    let a = Node::start(NodeOptions {
+        disks: 1,
+        ..NodeOptions::default()
+    });
+    let b = Node::start(NodeOptions {
+        disks: 1,
+        ..NodeOptions::default()
+    });
     let mut b = b;
     b.stop();
     let mut cmd = b.command();
     cmd.arg("--disk").arg(&a.disk_paths()[0]);
     let o = cmd.output().expect("run storaged");
-    assert_eq!(o.status.code(), Some(1), "a second storaged must not open a disk in use");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a second storaged must not open a disk in use"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("in use by another process"), "{err}");
 }
