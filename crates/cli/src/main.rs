@@ -56,6 +56,12 @@ enum VolumeCmd {
         /// simple, mirror-2, mirror-3 or parity-K+M.
         #[arg(long, default_value = "simple")]
         resiliency: String,
+        /// Logical block size over iSCSI: 512 (512e over 4 KiB physical
+        /// blocks) or 4096 (4 KiB native). Fixed at creation.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        #[command(flatten)]
+        chap: CreateChapArgs,
     },
     /// List volumes.
     List,
@@ -69,6 +75,68 @@ enum VolumeCmd {
     },
     /// Delete a volume and release its space.
     Delete { name: String },
+    /// Require iSCSI CHAP for a volume (one-way, or mutual with the target
+    /// pair), or turn it off with --clear. Applies at the next login.
+    SetChap {
+        name: String,
+        /// CHAP name the initiator presents.
+        #[arg(long, requires = "secret", required_unless_present = "clear")]
+        user: Option<String>,
+        /// The initiator's secret, 12 to 16 characters.
+        #[arg(long, requires = "user")]
+        secret: Option<String>,
+        /// Mutual CHAP: the name the target answers with.
+        #[arg(long, requires_all = ["target_secret", "user"])]
+        target_user: Option<String>,
+        /// Mutual CHAP: the target's secret, 12 to 16 characters, not the
+        /// initiator's.
+        #[arg(long, requires = "target_user")]
+        target_secret: Option<String>,
+        /// Turn CHAP off: any initiator may log in.
+        #[arg(long, conflicts_with_all = ["user", "secret", "target_user", "target_secret"])]
+        clear: bool,
+    },
+}
+
+/// CHAP of a volume being created (all optional).
+#[derive(clap::Args, Debug)]
+struct CreateChapArgs {
+    /// Require iSCSI CHAP: the name the initiator presents.
+    #[arg(long, requires = "chap_secret")]
+    chap_user: Option<String>,
+    /// The initiator's CHAP secret, 12 to 16 characters.
+    #[arg(long, requires = "chap_user")]
+    chap_secret: Option<String>,
+    /// Mutual CHAP: the name the target answers with.
+    #[arg(long, requires_all = ["chap_target_secret", "chap_user"])]
+    chap_target_user: Option<String>,
+    /// Mutual CHAP: the target's secret, 12 to 16 characters.
+    #[arg(long, requires = "chap_target_user")]
+    chap_target_secret: Option<String>,
+}
+
+/// The API's CHAP credentials from optional flags; `None` without a user.
+fn chap_credentials(
+    user: Option<String>,
+    secret: Option<String>,
+    target_user: Option<String>,
+    target_secret: Option<String>,
+) -> Option<ChapCredentials> {
+    Some(ChapCredentials {
+        user: user?,
+        secret: secret.unwrap_or_default(),
+        target_user: target_user.unwrap_or_default(),
+        target_secret: target_secret.unwrap_or_default(),
+    })
+}
+
+/// off, one-way or mutual.
+fn chap_mode(v: &Volume) -> &'static str {
+    match (v.chap_enabled, v.mutual_chap) {
+        (false, _) => "off",
+        (true, false) => "one-way",
+        (true, true) => "mutual",
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,12 +161,24 @@ fn main() {
             std::process::exit(0);
         }
         Err(e) => {
-            // One line, exit 1, like every other error.
+            // One line, exit 1, like every other error: clap's message up
+            // to its usage section, joined (a missing-argument error names
+            // the arguments on the lines below its first).
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("bad arguments");
+            let msg = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let msg = if msg.is_empty() {
+                "bad arguments"
+            } else {
+                &msg
+            };
             eprintln!(
                 "s2dctl: {} (see s2dctl --help)",
-                first.trim_start_matches("error: ")
+                msg.trim_start_matches("error: ")
             );
             std::process::exit(1);
         }
@@ -161,12 +241,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     size,
                     resiliency,
+                    block_size,
+                    chap,
                 } => {
                     let v = c
                         .create_volume(CreateVolumeRequest {
                             name,
                             size_bytes: size,
                             resiliency,
+                            block_size_bytes: block_size,
+                            chap: chap_credentials(
+                                chap.chap_user,
+                                chap.chap_secret,
+                                chap.chap_target_user,
+                                chap.chap_target_secret,
+                            ),
                         })
                         .await
                         .map_err(|s| explain(ep, s))?
@@ -174,11 +263,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if cli.json {
                         print_json(&v)?;
                     } else {
+                        let iscsi = if v.iscsi_uri.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" and {}", v.iscsi_uri)
+                        };
                         println!(
-                            "created volume {} ({}, {}) at {}",
+                            "created volume {} ({}, {}, {}-byte blocks, CHAP {}) at {}{iscsi}",
                             v.name,
                             human(v.size_bytes),
                             v.resiliency,
+                            v.block_size_bytes,
+                            chap_mode(&v),
                             v.nbd_uri
                         );
                     }
@@ -192,13 +288,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if cli.json {
                         print_json(&l.volumes)?;
                     } else {
-                        let mut t = Table::new(&["NAME", "SIZE", "RESILIENCY", "ALLOCATED", "NBD"]);
+                        let mut t = Table::new(&[
+                            "NAME",
+                            "SIZE",
+                            "RESILIENCY",
+                            "ALLOCATED",
+                            "BLOCK",
+                            "CHAP",
+                            "NBD",
+                        ]);
                         for v in &l.volumes {
                             t.row(vec![
                                 v.name.clone(),
                                 human(v.size_bytes),
                                 v.resiliency.clone(),
                                 human(v.allocated_bytes),
+                                v.block_size_bytes.to_string(),
+                                chap_mode(v).to_string(),
                                 v.nbd_uri.clone(),
                             ]);
                         }
@@ -242,6 +348,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("deleted volume {name}");
                     }
                 }
+                VolumeCmd::SetChap {
+                    name,
+                    user,
+                    secret,
+                    target_user,
+                    target_secret,
+                    clear,
+                } => {
+                    let chap = if clear {
+                        None
+                    } else {
+                        chap_credentials(user, secret, target_user, target_secret)
+                    };
+                    let v = c
+                        .set_volume_chap(SetVolumeChapRequest { name, chap })
+                        .await
+                        .map_err(|s| explain(ep, s))?
+                        .into_inner();
+                    if cli.json {
+                        print_json(&v)?;
+                    } else {
+                        println!(
+                            "CHAP of volume {} is {} (applies at the next iSCSI login)",
+                            v.name,
+                            chap_mode(&v)
+                        );
+                    }
+                }
             }
         }
         Command::Pool(PoolCmd::Status) => {
@@ -280,6 +414,24 @@ fn print_volume(v: &Volume) {
             ),
         ),
         ("nbd", v.nbd_uri.clone()),
+        (
+            "block size",
+            if v.block_size_bytes == 512 {
+                "512 bytes (512e over 4 KiB physical blocks)".to_string()
+            } else {
+                format!("{} bytes", v.block_size_bytes)
+            },
+        ),
+        ("iscsi", v.iscsi_target.clone()),
+        (
+            "iscsi uri",
+            if v.iscsi_uri.is_empty() {
+                "- (this node serves no iSCSI: storaged --iscsi-listen)".to_string()
+            } else {
+                v.iscsi_uri.clone()
+            },
+        ),
+        ("chap", chap_mode(v).to_string()),
     ];
     for (k, val) in rows {
         println!("{k:<11} {val}");

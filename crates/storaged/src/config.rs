@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub nbd_listen: Option<String>,
+    pub iscsi_listen: Option<String>,
     pub disks: Option<Vec<PathBuf>>,
     pub disk_size: Option<String>,
     pub extent_size: Option<String>,
@@ -35,6 +36,7 @@ pub struct FlagConfig {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub nbd_listen: Option<String>,
+    pub iscsi_listen: Option<String>,
     pub disks: Vec<PathBuf>,
     pub disk_size: Option<String>,
     pub extent_size: Option<String>,
@@ -46,6 +48,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub nbd_listen: SocketAddr,
+    /// iSCSI portal; `None`: no iSCSI (it is off unless asked for).
+    pub iscsi_listen: Option<SocketAddr>,
     pub disks: Vec<PathBuf>,
     pub disk_size: Option<u64>,
     /// `None`: the pool's own (or the default for a new pool).
@@ -80,6 +84,11 @@ impl Config {
             .nbd_listen
             .or(file.nbd_listen)
             .unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
+        let iscsi_listen = flags
+            .iscsi_listen
+            .or(file.iscsi_listen)
+            .map(|a| parse_addr("--iscsi-listen", &a))
+            .transpose()?;
         let disks = if flags.disks.is_empty() {
             file.disks.unwrap_or_default()
         } else {
@@ -119,6 +128,7 @@ impl Config {
             data_dir,
             listen: parse_addr("--listen", &listen)?,
             nbd_listen: parse_addr("--nbd-listen", &nbd_listen)?,
+            iscsi_listen,
             disks,
             disk_size,
             extent_size,
@@ -149,7 +159,7 @@ mod tests {
         let p = dir.path().join("s.toml");
         std::fs::write(
             &p,
-            "data-dir = \"/d\"\nlisten = \"127.0.0.1:1\"\ndisks = [\"/a\", \"/b\"]\ndisk-size = \"1GiB\"\nextent-size = \"4MiB\"\nio-engine = \"sync\"\n",
+            "data-dir = \"/d\"\nlisten = \"127.0.0.1:1\"\niscsi-listen = \"127.0.0.1:3260\"\ndisks = [\"/a\", \"/b\"]\ndisk-size = \"1GiB\"\nextent-size = \"4MiB\"\nio-engine = \"sync\"\n",
         )
         .expect("write");
         let c = Config::load(FlagConfig {
@@ -164,6 +174,37 @@ mod tests {
         assert_eq!(c.disk_size, Some(1 << 30));
         assert_eq!(c.extent_size, Some(4 << 20));
         assert_eq!(c.io_engine, EngineChoice::Sync);
+        assert_eq!(
+            c.iscsi_listen,
+            Some("127.0.0.1:3260".parse().expect("addr")),
+            "iscsi-listen from the file must be kept"
+        );
+    }
+
+    #[test]
+    fn iscsi_is_off_unless_asked_for_and_its_address_is_checked() {
+        let base = FlagConfig {
+            data_dir: Some("/d".into()),
+            disks: vec!["/a".into()],
+            ..Default::default()
+        };
+        let c = Config::load(base.clone()).expect("valid config");
+        assert_eq!(c.iscsi_listen, None, "iSCSI must be off by default");
+        let c = Config::load(FlagConfig {
+            iscsi_listen: Some("127.0.0.1:3261".into()),
+            ..base.clone()
+        })
+        .expect("valid config");
+        assert_eq!(c.iscsi_listen.map(|a| a.port()), Some(3261));
+        let e = Config::load(FlagConfig {
+            iscsi_listen: Some("port 3260".into()),
+            ..base
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("--iscsi-listen"),
+            "a bad iSCSI address must name the flag: {e}"
+        );
     }
 
     #[test]

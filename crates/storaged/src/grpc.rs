@@ -4,7 +4,8 @@
 //! Invariant: this is the only module that imports tonic; every error
 //! reaches the client as one line saying what went wrong.
 
-use crate::manager::{Manager, ManagerError, VolumeInfo};
+use crate::catalog::{ChapCredentialRecord, ChapRecord, DEFAULT_LOGICAL_BLOCK_SIZE};
+use crate::manager::{Manager, ManagerError, VolumeInfo, VolumeOptions};
 use s2d_proto::v1::pool_service_server::PoolService;
 use s2d_proto::v1::volume_service_server::VolumeService;
 use s2d_proto::v1::*;
@@ -19,16 +20,36 @@ pub use s2d_proto::v1::volume_service_server::VolumeServiceServer;
 pub struct ControlService {
     manager: Arc<Manager>,
     nbd_addr: SocketAddr,
+    /// The iSCSI portal, when the node serves iSCSI.
+    iscsi_addr: Option<SocketAddr>,
 }
 
 impl ControlService {
-    pub fn new(manager: Arc<Manager>, nbd_addr: SocketAddr) -> ControlService {
-        ControlService { manager, nbd_addr }
+    pub fn new(
+        manager: Arc<Manager>,
+        nbd_addr: SocketAddr,
+        iscsi_addr: Option<SocketAddr>,
+    ) -> ControlService {
+        ControlService {
+            manager,
+            nbd_addr,
+            iscsi_addr,
+        }
     }
 
+    /// The API's view of a volume; never carries CHAP secrets.
     fn volume(&self, i: VolumeInfo) -> Volume {
+        let iscsi_target = iscsi_target::target_iqn(&i.record.name);
         Volume {
             nbd_uri: format!("nbd://{}/{}", self.nbd_addr, i.record.name),
+            iscsi_uri: self
+                .iscsi_addr
+                .map(|a| format!("iscsi://{a}/{iscsi_target}/0"))
+                .unwrap_or_default(),
+            iscsi_target,
+            block_size_bytes: i.record.logical_block_size,
+            chap_enabled: i.record.chap.is_some(),
+            mutual_chap: i.record.chap.as_ref().is_some_and(|c| c.target.is_some()),
             name: i.record.name,
             id: i.record.id,
             size_bytes: i.record.size,
@@ -47,7 +68,9 @@ fn status(e: ManagerError) -> Status {
         ManagerError::NameTaken(_) => Status::already_exists(msg),
         ManagerError::BadName { .. }
         | ManagerError::BadSize { .. }
-        | ManagerError::UnknownResiliency(_) => Status::invalid_argument(msg),
+        | ManagerError::UnknownResiliency(_)
+        | ManagerError::BadBlockSize(_)
+        | ManagerError::BadChap(_) => Status::invalid_argument(msg),
         ManagerError::Resiliency(_) => Status::failed_precondition(msg),
         ManagerError::PoolFull { .. } => Status::resource_exhausted(msg),
         ManagerError::Catalog(_) | ManagerError::Store(_) => {
@@ -55,6 +78,30 @@ fn status(e: ManagerError) -> Status {
             Status::internal(msg)
         }
     }
+}
+
+/// The catalog form of CHAP credentials from the API; a target pair must be
+/// given whole or not at all.
+fn chap_record(c: ChapCredentials) -> Result<ChapRecord, Status> {
+    let target = match (c.target_user.is_empty(), c.target_secret.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(ChapCredentialRecord {
+            user: c.target_user,
+            secret: c.target_secret,
+        }),
+        _ => {
+            return Err(Status::invalid_argument(
+                "bad CHAP settings: give both the target user and the target secret for mutual CHAP, or neither",
+            ));
+        }
+    };
+    Ok(ChapRecord {
+        initiator: ChapCredentialRecord {
+            user: c.user,
+            secret: c.secret,
+        },
+        target,
+    })
 }
 
 #[tonic::async_trait]
@@ -69,12 +116,21 @@ impl VolumeService for ControlService {
         } else {
             &r.resiliency
         };
+        let options = VolumeOptions {
+            logical_block_size: match r.block_size_bytes {
+                0 => DEFAULT_LOGICAL_BLOCK_SIZE,
+                b => b,
+            },
+            chap: r.chap.map(chap_record).transpose()?,
+        };
+        let chap = options.chap.is_some();
+        let block_size = options.logical_block_size;
         let info = self
             .manager
-            .create(&r.name, r.size_bytes, resiliency)
+            .create(&r.name, r.size_bytes, resiliency, options)
             .await
             .map_err(status)?;
-        tracing::info!(volume = %r.name, size = r.size_bytes, resiliency, "volume created");
+        tracing::info!(volume = %r.name, size = r.size_bytes, resiliency, block_size, chap, "volume created");
         Ok(Response::new(self.volume(info)))
     }
 
@@ -123,6 +179,22 @@ impl VolumeService for ControlService {
         self.manager.delete(&name).await.map_err(status)?;
         tracing::info!(volume = %name, "volume deleted");
         Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn set_volume_chap(
+        &self,
+        req: Request<SetVolumeChapRequest>,
+    ) -> Result<Response<Volume>, Status> {
+        let r = req.into_inner();
+        let chap = r.chap.map(chap_record).transpose()?;
+        let mode = match &chap {
+            None => "off",
+            Some(c) if c.target.is_some() => "mutual",
+            Some(_) => "one-way",
+        };
+        let info = self.manager.set_chap(&r.name, chap).await.map_err(status)?;
+        tracing::info!(volume = %r.name, chap = mode, "volume CHAP changed");
+        Ok(Response::new(self.volume(info)))
     }
 }
 

@@ -1,7 +1,8 @@
 //! storaged: the s2d storage daemon of one node.
 //!
 //! Pools the node's disks into extents (extent-store), keeps the volume
-//! catalog, serves volumes over NBD and the control plane over gRPC.
+//! catalog, serves volumes over NBD (and iSCSI with `--iscsi-listen`) and
+//! the control plane over gRPC.
 //! `storaged check --disk PATH` verifies a disk offline.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting connections, let in-flight
@@ -10,6 +11,7 @@
 mod catalog;
 mod config;
 mod grpc;
+mod iscsi;
 mod manager;
 mod volume;
 
@@ -27,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "storaged",
     version,
-    about = "s2d storage daemon: pools local disks and serves volumes over NBD"
+    about = "s2d storage daemon: pools local disks and serves volumes over NBD and iSCSI"
 )]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -45,6 +47,9 @@ struct Cli {
     /// NBD server address.
     #[arg(long)]
     nbd_listen: Option<String>,
+    /// iSCSI portal address, e.g. 127.0.0.1:3260 (no iSCSI without it).
+    #[arg(long)]
+    iscsi_listen: Option<String>,
     /// A disk (block device or file); repeat for more. Missing files are
     /// created sparse with --disk-size; blank disks are formatted.
     #[arg(long = "disk")]
@@ -165,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir,
         listen: cli.listen,
         nbd_listen: cli.nbd_listen,
+        iscsi_listen: cli.iscsi_listen,
         disks: cli.disks,
         disk_size: cli.disk_size,
         extent_size: cli.extent_size,
@@ -237,9 +243,26 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--nbd-listen)", cfg.nbd_listen))?;
+    let iscsi_listener = match cfg.iscsi_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (--iscsi-listen)"))?,
+        ),
+        None => None,
+    };
+    let iscsi_addr = iscsi_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let shutdown = CancellationToken::new();
 
-    let control = grpc::ControlService::new(manager.clone(), nbd_listener.local_addr()?);
+    let iscsi_task = iscsi_listener
+        .map(|l| iscsi::spawn(l, manager.clone(), shutdown.clone()))
+        .transpose()
+        .context("cannot start the iSCSI target")?;
+    let control =
+        grpc::ControlService::new(manager.clone(), nbd_listener.local_addr()?, iscsi_addr);
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -255,6 +278,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(
         listen = %cfg.listen,
         nbd = %cfg.nbd_listen,
+        iscsi = ?iscsi_addr,
         disks = cfg.disks.len(),
         engine = ?store.status().first().map(|d| d.engine),
         "storaged ready"
@@ -267,6 +291,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "NBD server ended with an error"),
         Err(e) => tracing::error!(error = %e, "NBD server task failed"),
+    }
+    if let Some(t) = iscsi_task {
+        match t.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "iSCSI target ended with an error"),
+            Err(e) => tracing::error!(error = %e, "iSCSI target task failed"),
+        }
     }
     match grpc_task.await {
         Ok(Ok(())) => {}
