@@ -221,6 +221,7 @@ fn fio_nbd_engine_random_writes_verify_crc32c() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
         ],
     );
     let text = format!(
