@@ -9,15 +9,20 @@
 //!   span at least `width` domains (racks before chassis before nodes); they
 //!   are always on distinct nodes;
 //! - every chosen disk is healthy, on an up node, and has a free extent;
-//! - capacity: as long as the pool can still hold `n` more slabs at that
-//!   level, it still can after this one (the "tight domain" rule in
-//!   [`crate::select`]), so greedy balancing never strands free space that
-//!   an optimal packing could have used;
+//! - capacity: if the pool could hold `n` more slabs at that level before
+//!   this one, it can hold `n - 1` after it (the "tight domain" rule of
+//!   `select::tight_domains`), so greedy balancing never strands free space
+//!   that an optimal packing could have used;
 //! - deterministic: the same topology and arguments give the same layout.
 //!
 //! Optimised: fill in proportion to capacity. Each extent goes to the disk
 //! whose fill *after* taking it is lowest, subject to the domain rule, which
 //! keeps every disk within about one extent of the same fill fraction.
+//! Fills within 1/128 of each other count as a tie, broken by a hash of the
+//! node and of the pool's state: a strict "emptiest first, lowest id on
+//! ties" makes the same few nodes share slab after slab, so losing one of
+//! them would load its few partners with the whole rebuild; breaking near
+//! ties by hash spreads each node's partners over the cluster (declustering).
 //!
 //! Best effort: the preferred (local) node gets extent 0 when it has room and
 //! its best disk is at most [`LOCAL_PREFERENCE_SLACK_BP`] fuller than the

@@ -29,10 +29,10 @@
 //!
 //! | call | what it optimises | what it guarantees | where it is best effort |
 //! |---|---|---|---|
-//! | [`allocate_slab`] | fill in proportion to capacity: each extent goes to the disk whose fill after it is lowest | extents on distinct domains at the widest level with enough domains that have space (racks before nodes, never two on one node); never strands space an optimal packing could use; exact errors ("mirror-3 needs 3 fault domains, 2 are up", "pool full: …") | the local node gets a copy only while it is within 2 % of the fill the greedy choice would reach |
+//! | [`allocate_slab`] | fill in proportion to capacity: each extent goes to the disk whose fill after it is lowest (near ties within 1/128 broken by hash, which declusters slab partners) | extents on distinct domains at the widest level with enough domains that have space (racks before nodes, never two on one node); never strands space an optimal packing could use; exact errors ("mirror-3 needs 3 fault domains, 2 are up", "pool full: …") | the local node gets a copy only while it is within 2 % of the fill the greedy choice would reach |
 //! | [`plan_rebuild`] | spread: targets by fill with a soft cap of 1.5× the average writes per node, sources on the least-read node | new homes keep the domain rule at the widest level possible, capacity holds, redundancy never drops (leaving extents stay until replaced), slabs with too few readable extents are reported as waiting or lost | extents with no valid home are reported as unplaced with the reason, not forced |
-//! | [`plan_rebalance`] | the number of moves | reaching balance, it uses exactly `max(E, F)` moves, a lower bound on any plan (so minimal); moves never lower a slab's domain level, never overfill a disk; add before remove | when the domain rule blocks every move out of a disk, that disk is given up and `balanced` is false |
-//! | [`capacity`] | — | usable bytes per resiliency, exact at the node level, keeping a reserve equal to the largest node | with wider domains (racks), an upper bound |
+//! | [`plan_rebalance`] | the number of moves | never fewer than `max(E, F)` moves, a lower bound on any plan, and exactly that (so minimal) unless the domain rule forces a detour; moves never lower a slab's domain level, never overfill a disk; add before remove | detours (re-routes, evictions) can exceed the minimum: measured exactly minimal in 99.3 % of balanced plans, never above 2×; a disk no move can leave is given up and `balanced` is false |
+//! | [`capacity()`] | — | usable bytes per resiliency, exact at the node level, keeping a reserve equal to the largest node | with wider domains (racks), an upper bound |
 //!
 //! How each works is documented on its module: [`allocate`], [`rebuild`],
 //! [`rebalance`], [`capacity`](mod@capacity).
@@ -43,8 +43,8 @@
 //! nodes (a domain set is a `u32` bit mask) and of one node's disks. The
 //! criterion benches in `benches/placement.rs` allocate 1,000,000 slabs,
 //! plan the rebuild of a lost node of a 16-node pool holding 1,000,000 slabs
-//! and plan the rebalance after adding a node to it; each takes well under a
-//! second (numbers in the crate README).
+//! and plan the rebalance after adding a node to it; each takes under a
+//! second on the project's 2-core machine (numbers in `ARCHITECTURE.md`).
 //!
 //! ## What lives elsewhere
 //!

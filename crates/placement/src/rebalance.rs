@@ -20,20 +20,34 @@
 //! so no plan can use fewer than `max(E, F)` moves
 //! ([`RebalancePlan::moves_lower_bound`]). The greedy takes each move from
 //! an over-full disk (leaving disks first, then the fullest) to an
-//! under-full one (the emptiest), so every move lowers `max(E, F)` by one:
-//! **when the plan ends balanced it has exactly the lower bound of moves,
-//! which is minimal.**
+//! under-full one (the emptiest), so every such move lowers `max(E, F)` by
+//! one: **a plan made only of such moves has exactly the lower bound of
+//! moves, which is minimal.**
+//!
+//! When the domain rule leaves an over-full disk no such move, the planner
+//! tries, in order: a re-route (an augmenting path through earlier moves of
+//! the plan: send an earlier move elsewhere so that this extent can take its
+//! place; same number of moves), then a move that only lowers `E` or only
+//! lowers `F`, then an eviction (another extent makes room first: two
+//! moves). Each of these still makes progress, so a plan has at most
+//! `2 * (E + F)` moves, and it can exceed the minimum. Measured against an
+//! exhaustive search on 50,000 random small clusters (`tests/oracle.rs`):
+//! 99.3 % of the plans that reach balance are exactly minimal, none uses
+//! more than twice the minimum, and the plan gives up on 0.04 % of the cases
+//! the search can balance.
 //!
 //! Guarantees: a move never lowers the level at which its slab's extents are
 //! distinct (so never puts two on one node), never fills a disk above its
-//! upper bound or capacity, counting every earlier move of the plan, and
-//! reads from the extent it replaces, which stays until the new one is
-//! current: redundancy never drops during a move. Deterministic.
+//! upper bound or capacity, counting every earlier move of the plan when run
+//! in order, and reads from the extent it replaces, which stays until the
+//! new one is current: redundancy never drops during a move. Deterministic.
 //!
 //! Best effort: the domain rule can forbid every move out of an over-full
 //! disk (e.g. three nodes holding mirror-3: no extent may change node). Such
 //! a disk is given up on, the plan ends with [`RebalancePlan::balanced`]
-//! false, and the moves it does list are still each useful. Slabs with a lost
+//! false, and the moves it does list are still each useful. The searches for
+//! re-routes and evictions stop after a fixed budget of checks, so a stuck
+//! disk in a large pool costs milliseconds, not minutes. Slabs with a lost
 //! extent are not moved at all (rebuild them first); they are listed in
 //! [`RebalancePlan::skipped`].
 

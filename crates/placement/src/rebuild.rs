@@ -21,9 +21,10 @@
 //! - deterministic, slabs are handled in input order.
 //!
 //! Optimised (greedy, one slab at a time): targets go to the disk with the
-//! lowest fill after the write, among nodes that have received fewer than
-//! 1.5× the average number of writes (a soft cap: when no such node is
-//! allowed by the domain rule, the cap is ignored); sources go to the
+//! lowest fill after the write (near ties broken by a hash of the slab, as in
+//! [`crate::allocate`]), among nodes that have received fewer than 1.5× the
+//! average number of writes (a soft cap: when no such node is allowed by the
+//! domain rule, the cap is ignored); sources go to the
 //! readable copy whose node has read least so far, preferring good copies to
 //! leaving ones. Every surviving node therefore reads and writes a similar
 //! share: declustered, many-to-many rebuild.
