@@ -100,7 +100,7 @@ pub use rebalance::{
 };
 pub use rebuild::{RebuildPlan, RebuildTask, ShardSource, ShardTarget, Unplaced, plan_rebuild};
 pub use resiliency::Resiliency;
-pub use slab::Slab;
+pub use slab::{SLABS_MAX, Slab};
 pub use topology::{
     DISK_EXTENTS_MAX, DISKS_PER_NODE_MAX, DOMAIN_NAME_LEN_MAX, Disk, DiskId, DiskSpec, DiskState,
     DomainLevel, ExtentLocation, FaultDomain, NODES_MAX, Node, NodeId, NodeState, SlabId, Topology,

@@ -14,6 +14,10 @@ use crate::resiliency::Resiliency;
 use crate::select::{Mask, bit};
 use crate::topology::{ExtentLocation, SlabId, Topology};
 
+/// The most slabs one plan takes (one pool's slabs; 2^32 - 1 slabs of even
+/// 4 MiB extents are 16 PiB).
+pub const SLABS_MAX: usize = u32::MAX as usize;
+
 /// A slab that exists: its resiliency and where each extent (shard `i` at
 /// index `i`) lives now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +53,13 @@ pub(crate) struct SlabTable {
 
 impl SlabTable {
     pub(crate) fn resolve(topology: &Topology, slabs: &[Slab]) -> Result<Self, PlacementError> {
+        // Planners index slabs with a u32.
+        if let Some(slab) = slabs.get(SLABS_MAX) {
+            return Err(PlacementError::InvalidSlab {
+                slab: slab.id,
+                reason: format!("a plan takes at most {SLABS_MAX} slabs"),
+            });
+        }
         let total: usize = slabs.iter().map(|s| s.extents.len()).sum();
         let mut starts = Vec::with_capacity(slabs.len() + 1);
         let mut locs = Vec::with_capacity(total);
@@ -97,5 +108,45 @@ impl SlabTable {
 
     pub(crate) fn set(&mut self, slab: usize, shard: usize, loc: Loc) {
         self.locs[self.starts[slab] + shard] = loc;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::flat_pool;
+    use crate::topology::{DiskId, NodeId};
+
+    #[test]
+    fn corrupt_slabs_are_refused_with_the_slab_id() {
+        let t = flat_pool(1 << 20, 3, 2, 10);
+        let at = |node: u32, disk: u128| ExtentLocation {
+            node: NodeId(node),
+            disk: DiskId(disk),
+        };
+        let slab = |extents: Vec<ExtentLocation>| Slab {
+            id: SlabId(7),
+            resiliency: Resiliency::MIRROR_2,
+            extents,
+        };
+        let good = slab(vec![at(0, 0), at(1, 100)]);
+        let table = SlabTable::resolve(&t, std::slice::from_ref(&good)).expect("valid");
+        assert_eq!(table.extents(0).len(), 2);
+        for (bad, why) in [
+            (slab(vec![at(0, 0)]), "has 1 extents"),
+            (slab(vec![at(0, 0), at(0, 1)]), "two extents on node 0"),
+            (slab(vec![at(0, 0), at(1, 999)]), "not in the topology"),
+            (
+                slab(vec![at(0, 0), at(2, 100)]),
+                "is on node 1, not on node 2",
+            ),
+        ] {
+            let err = SlabTable::resolve(&t, &[good.clone(), bad])
+                .err()
+                .expect("refused");
+            assert_eq!(err.code(), "S2D:Placement:InvalidSlab");
+            let text = err.to_string();
+            assert!(text.starts_with("slab 7: ") && text.contains(why), "{text}");
+        }
     }
 }
