@@ -1,10 +1,12 @@
 //! Test harness: starts real `storaged` processes on 127.0.0.1 with disks
-//! as files on ext4 (/var/tmp), runs `s2dctl` and the real NBD clients
-//! against them, and speaks raw NBD where a test must control every byte.
+//! as files on ext4 (/var/tmp), runs `s2dctl` and the real NBD and iSCSI
+//! clients against them, and speaks raw NBD or iSCSI where a test must
+//! control every byte.
 //!
 //! The binaries come from the same target directory as the test (build
 //! them first: `cargo build --bins`), or from `S2D_BIN_DIR`.
 
+pub mod iscsi;
 pub mod nbd;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -62,6 +64,8 @@ pub struct NodeOptions {
     pub disk_size: &'static str,
     pub extent_size: &'static str,
     pub io_engine: &'static str,
+    /// Serve iSCSI too (`--iscsi-listen` on a free port).
+    pub iscsi: bool,
 }
 
 impl Default for NodeOptions {
@@ -71,6 +75,7 @@ impl Default for NodeOptions {
             disk_size: "256MiB",
             extent_size: "4MiB",
             io_engine: "auto",
+            iscsi: false,
         }
     }
 }
@@ -80,6 +85,8 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub grpc: SocketAddr,
     pub nbd: SocketAddr,
+    /// The iSCSI portal, when `NodeOptions::iscsi` asked for one.
+    pub iscsi: Option<SocketAddr>,
     pub opts: NodeOptions,
     child: Option<Child>,
     log: PathBuf,
@@ -90,11 +97,15 @@ impl Node {
         let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4 (/var/tmp)");
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let iscsi = opts
+            .iscsi
+            .then(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
         let log = dir.path().join("storaged.log");
         let mut n = Node {
             dir,
             grpc,
             nbd,
+            iscsi,
             opts,
             child: None,
             log,
@@ -131,10 +142,13 @@ impl Node {
         for d in self.disk_paths() {
             c.arg("--disk").arg(d);
         }
+        if let Some(a) = self.iscsi {
+            c.arg("--iscsi-listen").arg(a.to_string());
+        }
         c
     }
 
-    /// (Re)start the process and wait until both ports accept.
+    /// (Re)start the process and wait until all its ports accept.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "node already running");
         let log = std::fs::OpenOptions::new()
@@ -160,7 +174,10 @@ impl Node {
                     self.log_text()
                 );
             }
-            if TcpStream::connect(self.grpc).is_ok() && TcpStream::connect(self.nbd).is_ok() {
+            if TcpStream::connect(self.grpc).is_ok()
+                && TcpStream::connect(self.nbd).is_ok()
+                && self.iscsi.is_none_or(|a| TcpStream::connect(a).is_ok())
+            {
                 return;
             }
             assert!(
@@ -237,6 +254,23 @@ impl Node {
 
     pub fn uri(&self, volume: &str) -> String {
         format!("nbd://{}/{}", self.nbd, volume)
+    }
+
+    /// The iSCSI portal; panics when the node was started without iSCSI.
+    pub fn iscsi_addr(&self) -> SocketAddr {
+        self.iscsi
+            .expect("node started without iSCSI (NodeOptions::iscsi)")
+    }
+
+    /// The libiscsi/qemu URL of `volume`'s LUN 0, with CHAP credentials
+    /// when `chap` gives (user, secret).
+    pub fn iscsi_url(&self, volume: &str, chap: Option<(&str, &str)>) -> String {
+        let auth = chap.map_or(String::new(), |(u, s)| format!("{u}%{s}@"));
+        format!(
+            "iscsi://{auth}{}/{}/0",
+            self.iscsi_addr(),
+            iscsi::target_iqn(volume)
+        )
     }
 }
 
