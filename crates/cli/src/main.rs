@@ -230,6 +230,16 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Print a command's result as JSON with --json, else as `human` says.
+fn print_as<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        human(v);
+        Ok(())
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let ch = channel(&cli.endpoint).await?;
     let ep = cli.endpoint.as_str();
@@ -260,9 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(|s| explain(ep, s))?
                         .into_inner();
-                    if cli.json {
-                        print_json(&v)?;
-                    } else {
+                    print_as(cli.json, &v, |v| {
                         let iscsi = if v.iscsi_uri.is_empty() {
                             String::new()
                         } else {
@@ -274,10 +282,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             human(v.size_bytes),
                             v.resiliency,
                             v.block_size_bytes,
-                            chap_mode(&v),
+                            chap_mode(v),
                             v.nbd_uri
                         );
-                    }
+                    })?;
                 }
                 VolumeCmd::List => {
                     let l = c
@@ -317,11 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(|s| explain(ep, s))?
                         .into_inner();
-                    if cli.json {
-                        print_json(&v)?;
-                    } else {
-                        print_volume(&v);
-                    }
+                    print_as(cli.json, &v, print_volume)?;
                 }
                 VolumeCmd::Resize { name, size } => {
                     let v = c
@@ -332,11 +336,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(|s| explain(ep, s))?
                         .into_inner();
-                    if cli.json {
-                        print_json(&v)?;
-                    } else {
-                        println!("resized volume {} to {}", v.name, human(v.size_bytes));
-                    }
+                    print_as(cli.json, &v, |v| {
+                        println!("resized volume {} to {}", v.name, human(v.size_bytes))
+                    })?;
                 }
                 VolumeCmd::Delete { name } => {
                     c.delete_volume(DeleteVolumeRequest { name: name.clone() })
@@ -366,15 +368,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(|s| explain(ep, s))?
                         .into_inner();
-                    if cli.json {
-                        print_json(&v)?;
-                    } else {
+                    print_as(cli.json, &v, |v| {
                         println!(
                             "CHAP of volume {} is {} (applies at the next iSCSI login)",
                             v.name,
-                            chap_mode(&v)
-                        );
-                    }
+                            chap_mode(v)
+                        )
+                    })?;
                 }
             }
         }
@@ -385,11 +385,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| explain(ep, s))?
                 .into_inner();
-            if cli.json {
-                print_json(&p)?;
-            } else {
-                print_pool(&p);
-            }
+            print_as(cli.json, &p, print_pool)?;
         }
     }
     Ok(())
