@@ -56,7 +56,7 @@ fn writer(
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let block = rng % BLOCKS;
-        let two = rng % 5 == 0 && block + 1 < BLOCKS;
+        let two = rng.is_multiple_of(5) && block + 1 < BLOCKS;
         seq += 1;
         let mut data = content(seq, block);
         if two {
@@ -69,7 +69,9 @@ fn writer(
                 l.since_flush.entry(block + 1).or_default().push(seq);
             }
         }
-        if c.write(block * 4096, &data, rng % 11 == 0).is_err() {
+        if c.write(block * 4096, &data, rng.is_multiple_of(11))
+            .is_err()
+        {
             return;
         }
         ledger.lock().expect("ledger").acked += 1;

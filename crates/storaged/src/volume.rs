@@ -323,8 +323,8 @@ impl Volume {
         let end = offset + data.len() as u64;
         let a0 = offset / BS * BS;
         let a1 = end.div_ceil(BS) * BS;
-        let head = offset % BS != 0;
-        let tail = end % BS != 0;
+        let head = !offset.is_multiple_of(BS);
+        let tail = !end.is_multiple_of(BS);
         let mut stripes = vec![];
         if head {
             stripes.push((a0 / BS) as usize % RMW_STRIPES);
@@ -412,7 +412,7 @@ impl BlockVolume for Volume {
             return Ok(AlignedBuf::zeroed(0));
         }
         let end = offset + len as u64;
-        if offset % BS == 0 && end % BS == 0 {
+        if offset.is_multiple_of(BS) && end.is_multiple_of(BS) {
             return self.read_aligned(&st, offset, len as u64).await;
         }
         let a0 = offset / BS * BS;
@@ -429,7 +429,7 @@ impl BlockVolume for Volume {
         if data.is_empty() {
             return if fua { self.sync().await } else { Ok(()) };
         }
-        if offset % BS == 0 && data.len() % BLOCK_SIZE == 0 {
+        if offset.is_multiple_of(BS) && data.len().is_multiple_of(BLOCK_SIZE) {
             self.write_aligned(&st, offset, data, fua).await
         } else {
             self.write_any(&st, offset, &data, fua).await
@@ -595,7 +595,7 @@ async fn resize(store: &Store, cur: &mut VolumeState, size: u64) -> Result<(), S
     if size < cur.size {
         // Blocks past the new end in the last kept slab must read as zeros
         // if the volume grows again.
-        if size % extent_size != 0
+        if !size.is_multiple_of(extent_size)
             && let Some(Some(a)) = cur.slabs.get(n - 1)
         {
             let off = size % extent_size;
