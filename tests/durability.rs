@@ -159,12 +159,12 @@ fn crash_rounds(io_engine: &'static str) {
         // at a point that differs per round.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let target = 150 * (round + 1);
+            let target = 400 * (round + 1);
             let (acked, flushes) = {
                 let l = ledger.lock().expect("ledger");
                 (l.acked, l.flushes)
             };
-            if acked >= target && flushes >= 3 {
+            if acked >= target && flushes >= 5 * (round + 1) {
                 break;
             }
             assert!(
