@@ -74,7 +74,11 @@ pub struct Disk {
     records: Mutex<Vec<Option<ExtentRecord>>>,
     /// Serialises extent-table writes (each is A, sync, B, sync).
     table_io: tokio::sync::Mutex<()>,
-    intent: tokio::sync::Mutex<IntentState>,
+    /// Write-intent bookkeeping; held only briefly, never across I/O.
+    intent: Mutex<IntentState>,
+    /// Serialises writes of the intent area, so an older image never
+    /// lands after a newer one.
+    intent_io: tokio::sync::Mutex<()>,
 }
 
 // SAFETY: csum_ptr points into _csum_map, which lives as long as the Disk and
@@ -309,7 +313,8 @@ impl Disk {
             csum_len,
             records: Mutex::new(records),
             table_io: tokio::sync::Mutex::new(()),
-            intent: tokio::sync::Mutex::new(IntentState {
+            intent_io: tokio::sync::Mutex::new(()),
+            intent: Mutex::new(IntentState {
                 bits: bits.to_vec(),
                 regions: HashMap::new(),
                 generation: 1,
@@ -422,44 +427,63 @@ impl Disk {
         extent as u64 * self.layout.regions_per_extent() + off / self.layout.region_bytes()
     }
 
+    fn intent_state(&self) -> std::sync::MutexGuard<'_, IntentState> {
+        self.intent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Mark the regions of `[off, off+len)` as having a write in flight,
     /// setting and syncing their intent bits first when they are clear.
+    ///
+    /// Invariant: a region is in `regions` only once its bit is durable, so
+    /// the common case (every region already marked) takes one short lock
+    /// and no I/O.
     async fn begin_write(&self, extent: u32, off: u64, len: u64) -> Result<(), StoreError> {
         let first = self.region_of(extent, off);
         let last = self.region_of(extent, off + len - 1);
-        let mut st = self.intent.lock().await;
-        let mut dirty_block: Option<(u64, u64)> = None;
+        if self.enter_marked(first, last) {
+            return Ok(());
+        }
+        let _io = self.intent_io.lock().await;
+        let image = {
+            let mut st = self.intent_state();
+            let mut blocks: Option<(u64, u64)> = None;
+            for r in first..=last {
+                if st.regions.contains_key(&r) {
+                    continue;
+                }
+                let (byte, mask) = self.intent_bit(r);
+                st.bits[byte as usize] |= mask;
+                let blk = byte / BS;
+                blocks = Some(match blocks {
+                    None => (blk, blk),
+                    Some((a, b)) => (a.min(blk), b.max(blk)),
+                });
+            }
+            blocks.map(|(a, b)| (a, image_of(&st, a, b)))
+        };
+        if let Some((at, image)) = image {
+            self.persist_intent_image(at, image, true).await?;
+        }
+        let mut st = self.intent_state();
+        for r in first..=last {
+            st.regions.entry(r).or_default().inflight += 1;
+        }
+        Ok(())
+    }
+
+    /// Count a write in flight in regions whose bits are already durable;
+    /// false (and nothing counted) if any of them is not marked yet.
+    fn enter_marked(&self, first: u64, last: u64) -> bool {
+        let mut st = self.intent_state();
+        if !(first..=last).all(|r| st.regions.contains_key(&r)) {
+            return false;
+        }
         for r in first..=last {
             if let Some(s) = st.regions.get_mut(&r) {
                 s.inflight += 1;
-                continue;
             }
-            st.regions.insert(
-                r,
-                RegionState {
-                    inflight: 1,
-                    last_gen: 0,
-                },
-            );
-            let (byte, mask) = self.intent_bit(r);
-            st.bits[byte as usize] |= mask;
-            let blk = byte / BS;
-            dirty_block = Some(match dirty_block {
-                None => (blk, blk),
-                Some((a, b)) => (a.min(blk), b.max(blk)),
-            });
         }
-        if let Some((a, b)) = dirty_block
-            && let Err(e) = self.persist_intent_blocks(&st, a, b, true).await
-        {
-            for r in first..=last {
-                if let Some(s) = st.regions.get_mut(&r) {
-                    s.inflight -= 1;
-                }
-            }
-            return Err(e);
-        }
-        Ok(())
+        true
     }
 
     /// Byte offset in the intent area and bit mask of a global region
@@ -473,19 +497,11 @@ impl Disk {
         )
     }
 
-    async fn persist_intent_blocks(
-        &self,
-        st: &IntentState,
-        first: u64,
-        last: u64,
-        sync: bool,
-    ) -> Result<(), StoreError> {
-        let start = (first * BS) as usize;
-        let end = ((last + 1) * BS) as usize;
-        let buf = AlignedBuf::from_slice(&st.bits[start..end]);
+    /// Write an image of intent blocks starting at block `first`.
+    async fn persist_intent_image(&self, first: u64, image: AlignedBuf, sync: bool) -> Result<(), StoreError> {
         let (r, _) = self
             .engine
-            .write_all(self.fd(), self.layout.intent + start as u64, buf)
+            .write_all(self.fd(), self.layout.intent + first * BS, image)
             .await;
         r.map_err(|e| self.io("write intent bits", e))?;
         if sync {
@@ -497,10 +513,10 @@ impl Disk {
         Ok(())
     }
 
-    async fn end_write(&self, extent: u32, off: u64, len: u64) {
+    fn end_write(&self, extent: u32, off: u64, len: u64) {
         let first = self.region_of(extent, off);
         let last = self.region_of(extent, off + len - 1);
-        let mut st = self.intent.lock().await;
+        let mut st = self.intent_state();
         let generation = st.generation;
         for r in first..=last {
             if let Some(s) = st.regions.get_mut(&r) {
@@ -591,7 +607,7 @@ impl Disk {
                 self.set_entry(extent, first + i as u64, CsumEntry::Data(*c));
             }
         }
-        self.end_write(extent, off, len).await;
+        self.end_write(extent, off, len);
         r.map_err(|e| self.io("write data", e))?;
         if fua {
             self.sync().await?;
@@ -616,7 +632,7 @@ impl Disk {
     /// regions that stayed idle for a whole flush interval.
     pub async fn sync(&self) -> Result<(), StoreError> {
         let g0 = {
-            let mut st = self.intent.lock().await;
+            let mut st = self.intent_state();
             st.generation += 1;
             st.generation - 1
         };
@@ -624,26 +640,30 @@ impl Disk {
             .datasync(self.fd())
             .await
             .map_err(|e| self.io("fdatasync", e))?;
-        let mut st = self.intent.lock().await;
-        let idle: Vec<u64> = st
-            .regions
-            .iter()
-            .filter(|(_, s)| s.inflight == 0 && s.last_gen < g0)
-            .map(|(r, _)| *r)
-            .collect();
-        if idle.is_empty() {
-            return Ok(());
-        }
-        let (mut lo, mut hi) = (u64::MAX, 0);
-        for r in &idle {
-            st.regions.remove(r);
-            let (byte, mask) = self.intent_bit(*r);
-            st.bits[byte as usize] &= !mask;
-            lo = lo.min(byte / BS);
-            hi = hi.max(byte / BS);
-        }
+        let _io = self.intent_io.lock().await;
+        let (lo, image) = {
+            let mut st = self.intent_state();
+            let idle: Vec<u64> = st
+                .regions
+                .iter()
+                .filter(|(_, s)| s.inflight == 0 && s.last_gen < g0)
+                .map(|(r, _)| *r)
+                .collect();
+            if idle.is_empty() {
+                return Ok(());
+            }
+            let (mut lo, mut hi) = (u64::MAX, 0);
+            for r in &idle {
+                st.regions.remove(r);
+                let (byte, mask) = self.intent_bit(*r);
+                st.bits[byte as usize] &= !mask;
+                lo = lo.min(byte / BS);
+                hi = hi.max(byte / BS);
+            }
+            (lo, image_of(&st, lo, hi))
+        };
         // No sync needed: a lost clear only means extra work after a crash.
-        self.persist_intent_blocks(&st, lo, hi, false).await
+        self.persist_intent_image(lo, image, false).await
     }
 
     /// Flush everything and clear every intent bit (clean shutdown).
@@ -652,14 +672,17 @@ impl Disk {
             .datasync(self.fd())
             .await
             .map_err(|e| self.io("fdatasync", e))?;
-        let mut st = self.intent.lock().await;
-        if st.regions.values().any(|s| s.inflight > 0) {
-            return Ok(());
-        }
-        st.regions.clear();
-        st.bits.fill(0);
-        let blocks = self.layout.intent_bytes / BS;
-        self.persist_intent_blocks(&st, 0, blocks - 1, true).await
+        let _io = self.intent_io.lock().await;
+        let image = {
+            let mut st = self.intent_state();
+            if st.regions.values().any(|s| s.inflight > 0) {
+                return Ok(());
+            }
+            st.regions.clear();
+            st.bits.fill(0);
+            image_of(&st, 0, self.layout.intent_bytes / BS - 1)
+        };
+        self.persist_intent_image(0, image, true).await
     }
 
     /// After an unclean stop: recompute the checksums of every region whose
@@ -670,7 +693,7 @@ impl Disk {
             .iter()
             .map(|r| r.is_none_or(|r| r.owner.is_some()))
             .collect();
-        let bits = self.intent.lock().await.bits.clone();
+        let bits = self.intent_state().bits.clone();
         if bits.iter().all(|&b| b == 0) {
             return Ok(());
         }
@@ -710,6 +733,11 @@ impl Disk {
         tracing::info!(disk = %self.path.display(), regions = recovered, "recomputed checksums of regions written at the last unclean stop");
         self.close().await
     }
+}
+
+/// A copy of intent blocks `first..=last` for writing.
+fn image_of(st: &IntentState, first: u64, last: u64) -> AlignedBuf {
+    AlignedBuf::from_slice(&st.bits[(first * BS) as usize..((last + 1) * BS) as usize])
 }
 
 /// Zero the extent tables and intent area of a disk being formatted.
