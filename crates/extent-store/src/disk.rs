@@ -498,7 +498,12 @@ impl Disk {
     }
 
     /// Write an image of intent blocks starting at block `first`.
-    async fn persist_intent_image(&self, first: u64, image: AlignedBuf, sync: bool) -> Result<(), StoreError> {
+    async fn persist_intent_image(
+        &self,
+        first: u64,
+        image: AlignedBuf,
+        sync: bool,
+    ) -> Result<(), StoreError> {
         let (r, _) = self
             .engine
             .write_all(self.fd(), self.layout.intent + first * BS, image)
