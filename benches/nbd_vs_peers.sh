@@ -6,6 +6,9 @@
 # Jobs: 4k randwrite QD1/QD32, 4k randread QD1/QD32, 1M seq write/read QD8.
 # Prints IOPS, MB/s, p50/p99 latency and the ratios c/b and c/a.
 #
+# With 2 or more CPUs the servers run on CPU 1 and fio on CPU 0 (taskset),
+# so the comparison is of the servers' efficiency, not of the scheduler.
+#
 # Usage: benches/nbd_vs_peers.sh [DIR] (default: a temp dir under /var/tmp)
 # Env:   RUNTIME=seconds per job (default 10), SIZE=file size (default 1GiB)
 # This is a report, not a test: it asserts nothing.
@@ -20,6 +23,13 @@ mkdir -p "$OUT"
 cargo build --release --bins --quiet
 BIN=target/release
 
+if [ "$(nproc)" -ge 2 ]; then
+  SERVER_CPU=(taskset -c 1)
+  CLIENT_CPU=(taskset -c 0)
+else
+  SERVER_CPU=()
+  CLIENT_CPU=()
+fi
 GRPC=127.0.0.1:17101
 S2D_NBD=127.0.0.1:17109
 QEMU_PORT=17110
@@ -35,12 +45,12 @@ for f in raw-direct.img raw-qemu.img; do
   fio --name=fill --filename="$DIR/$f" --size="$SIZE" --rw=write --bs=1M --direct=1 \
       --ioengine=io_uring --iodepth=8 --output=/dev/null
 done
-qemu-nbd -f raw --cache=none --aio=io_uring -x bench -p $QEMU_PORT -b 127.0.0.1 \
+"${SERVER_CPU[@]}" qemu-nbd -f raw --cache=none --aio=io_uring -x bench -p $QEMU_PORT -b 127.0.0.1 \
   --persistent --shared=8 "$DIR/raw-qemu.img" &
 QEMU_PID=$!
 
 # (c): storaged with one disk file, a volume filled with data first.
-$BIN/storaged --data-dir "$DIR/s2d-data" --listen $GRPC --nbd-listen $S2D_NBD \
+"${SERVER_CPU[@]}" $BIN/storaged --data-dir "$DIR/s2d-data" --listen $GRPC --nbd-listen $S2D_NBD \
   --disk "$DIR/s2d-disk.img" --disk-size 3GiB --extent-size 64MiB >"$DIR/storaged.log" 2>&1 &
 S2D_PID=$!
 for _ in $(seq 100); do $BIN/s2dctl --endpoint $GRPC pool status >/dev/null 2>&1 && break; sleep 0.1; done
@@ -62,11 +72,11 @@ for job in "${JOBS[@]}"; do
   name=$1; shift
   common=(--name="$name" --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=1
           --output-format=json "$@")
-  fio "${common[@]}" --filename="$DIR/raw-direct.img" --direct=1 --ioengine=io_uring \
+  "${CLIENT_CPU[@]}" fio "${common[@]}" --filename="$DIR/raw-direct.img" --direct=1 --ioengine=io_uring \
       --output="$OUT/a-$name.json"
-  fio "${common[@]}" --ioengine=nbd --uri="nbd://127.0.0.1:$QEMU_PORT/bench" \
+  "${CLIENT_CPU[@]}" fio "${common[@]}" --ioengine=nbd --uri="nbd://127.0.0.1:$QEMU_PORT/bench" \
       --output="$OUT/b-$name.json"
-  fio "${common[@]}" --ioengine=nbd --uri="nbd://$S2D_NBD/bench" \
+  "${CLIENT_CPU[@]}" fio "${common[@]}" --ioengine=nbd --uri="nbd://$S2D_NBD/bench" \
       --output="$OUT/c-$name.json"
 done
 
