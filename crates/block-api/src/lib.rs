@@ -31,7 +31,9 @@ pub const BLOCK_SIZE: usize = 4096;
 pub enum BlockError {
     #[error("request [{offset}, +{len}) is past the end of the volume ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
-    #[error("checksum mismatch at volume offset {offset}")]
+    /// Data failed its checksum; `offset` locates the bad block (the
+    /// store's disk offset, as `storaged check` reports it).
+    #[error("checksum mismatch at disk offset {offset}")]
     Checksum { offset: u64 },
     #[error("pool is full: no free extent for volume {volume}")]
     NoSpace { volume: String },

@@ -85,7 +85,6 @@ fn store_err(e: StoreError) -> BlockError {
         StoreError::Checksum { disk_offset, .. } => BlockError::Checksum {
             offset: disk_offset,
         },
-        StoreError::Full { .. } => BlockError::Io(e.to_string()),
         e => BlockError::Io(e.to_string()),
     }
 }
