@@ -1,0 +1,938 @@
+//! The replicated pool-metadata state machine.
+//!
+//! [`PoolState`] is what every node of a pool agrees on: nodes, disks, pool
+//! settings, volumes with their slabs (replicas and epoch), volume attachments
+//! and repair jobs. It changes only through [`Command`]s that Raft has
+//! committed, applied with [`PoolState::apply`].
+//!
+//! Invariants:
+//! - Apply is deterministic: it reads only the current state and the command.
+//!   No clock, no randomness, no local disk; every map is a `BTreeMap`, so the
+//!   encoded state is byte-identical on every replica that applied the same log.
+//! - Commands carry decisions, not questions ("slab 7 of `db` goes to these
+//!   extents at epoch 4"): placement runs once, on the proposer, and apply only
+//!   validates it.
+//! - An invalid command is rejected with a [`Rejection`] and leaves the state
+//!   exactly as it was; apply never panics.
+//! - Messages are hand-written `prost` derives (no `.proto`, no protoc); tags
+//!   are part of the on-disk and wire format and must never be reused.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+
+/// Lifecycle of a node in the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum NodeState {
+    /// Heartbeating and serving.
+    Up = 0,
+    /// Silent for longer than `down_after`; its replicas are not current.
+    Down = 1,
+    /// Drained on purpose; gets no new allocations.
+    Maintenance = 2,
+    /// Removed from the pool for good; terminal.
+    Retired = 3,
+}
+
+/// Health of one disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum DiskState {
+    /// Usable for new extents.
+    Online = 0,
+    /// Failed; its extents need repair.
+    Failed = 1,
+    /// Removed from the pool; terminal.
+    Removed = 2,
+}
+
+/// Resiliency of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Resiliency {
+    /// One copy.
+    Simple = 0,
+    /// Two copies in different fault domains.
+    TwoWayMirror = 1,
+    /// Three copies in different fault domains.
+    ThreeWayMirror = 2,
+}
+
+impl Resiliency {
+    /// How many replicas one slab of this resiliency has.
+    pub fn copies(self) -> usize {
+        match self {
+            Resiliency::Simple => 1,
+            Resiliency::TwoWayMirror => 2,
+            Resiliency::ThreeWayMirror => 3,
+        }
+    }
+}
+
+/// State of one replica of a slab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ReplicaState {
+    /// Holds every acknowledged write of the slab's epoch.
+    Current = 0,
+    /// Missed writes; must not serve reads.
+    Stale = 1,
+    /// Being rebuilt by a repair job.
+    Rebuilding = 2,
+}
+
+/// A member of the pool.
+#[derive(Clone, PartialEq, Message)]
+pub struct Node {
+    /// Cluster-unique id (also the Raft id).
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Address of the node's gRPC port, `host:port`.
+    #[prost(string, tag = "2")]
+    pub address: String,
+    /// Fault-domain path from the outside in, e.g. `["site-a", "rack-3", "host-7"]`.
+    #[prost(string, repeated, tag = "3")]
+    pub fault_domain: Vec<String>,
+    /// Lifecycle state.
+    #[prost(enumeration = "NodeState", tag = "4")]
+    pub state: i32,
+}
+
+/// A disk of a node, carved into fixed-size extents.
+#[derive(Clone, PartialEq, Message)]
+pub struct Disk {
+    /// Pool-unique id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Node holding the disk.
+    #[prost(uint64, tag = "2")]
+    pub node: u64,
+    /// Usable bytes.
+    #[prost(uint64, tag = "3")]
+    pub capacity_bytes: u64,
+    /// Health.
+    #[prost(enumeration = "DiskState", tag = "4")]
+    pub state: i32,
+    /// Extent numbers in use, sorted ascending, no duplicates.
+    #[prost(uint64, repeated, tag = "5")]
+    pub allocated_extents: Vec<u64>,
+}
+
+/// Pool-wide settings, fixed by `InitPool`.
+#[derive(Clone, PartialEq, Message)]
+pub struct PoolSettings {
+    /// Human name of the pool.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Extent (and slab) size in bytes; a power of two.
+    #[prost(uint64, tag = "2")]
+    pub extent_size_bytes: u64,
+}
+
+/// One copy of a slab: an extent on a disk of a node.
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct Replica {
+    /// Node holding the disk.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Disk holding the extent.
+    #[prost(uint64, tag = "2")]
+    pub disk: u64,
+    /// Extent number on the disk.
+    #[prost(uint64, tag = "3")]
+    pub extent: u64,
+    /// Replica state.
+    #[prost(enumeration = "ReplicaState", tag = "4")]
+    pub state: i32,
+}
+
+/// A slab: one extent-sized piece of a volume, with its replicas.
+#[derive(Clone, PartialEq, Message)]
+pub struct Slab {
+    /// Bumped by every change of the replica set; writes carry it to fence stale writers.
+    #[prost(uint64, tag = "1")]
+    pub epoch: u64,
+    /// The replicas, in the proposer's order.
+    #[prost(message, repeated, tag = "2")]
+    pub replicas: Vec<Replica>,
+}
+
+/// Which node serves a volume now (one writer at a time).
+#[derive(Clone, PartialEq, Message)]
+pub struct Attachment {
+    /// The serving node.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Bumped by every attach; lets the data path fence the previous writer.
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+}
+
+/// A block volume.
+#[derive(Clone, PartialEq, Message)]
+pub struct Volume {
+    /// Pool-unique name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Size in bytes; a multiple of the extent size.
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+    /// Resiliency.
+    #[prost(enumeration = "Resiliency", tag = "3")]
+    pub resiliency: i32,
+    /// Allocated slabs by slab number; unallocated slabs read as zeros.
+    #[prost(btree_map = "uint64, message", tag = "4")]
+    pub slabs: BTreeMap<u64, Slab>,
+    /// The node serving the volume, if any.
+    #[prost(message, optional, tag = "5")]
+    pub attachment: Option<Attachment>,
+    /// Generation of the last attachment (kept across detach so it only grows).
+    #[prost(uint64, tag = "6")]
+    pub last_generation: u64,
+}
+
+/// Rebuild of one replica of one slab.
+#[derive(Clone, PartialEq, Message)]
+pub struct RepairJob {
+    /// Pool-unique id, chosen by the proposer.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Volume name.
+    #[prost(string, tag = "2")]
+    pub volume: String,
+    /// Slab number.
+    #[prost(uint64, tag = "3")]
+    pub slab: u64,
+    /// Index of the replica being rebuilt.
+    #[prost(uint32, tag = "4")]
+    pub replica: u32,
+    /// The slab epoch the job was started at.
+    #[prost(uint64, tag = "5")]
+    pub epoch: u64,
+}
+
+/// The whole replicated state; a Raft snapshot's data is its prost encoding.
+#[derive(Clone, PartialEq, Message)]
+pub struct PoolState {
+    /// Set once by `InitPool`.
+    #[prost(message, optional, tag = "1")]
+    pub settings: Option<PoolSettings>,
+    /// Nodes by id.
+    #[prost(btree_map = "uint64, message", tag = "2")]
+    pub nodes: BTreeMap<u64, Node>,
+    /// Disks by id.
+    #[prost(btree_map = "uint64, message", tag = "3")]
+    pub disks: BTreeMap<u64, Disk>,
+    /// Volumes by name.
+    #[prost(btree_map = "string, message", tag = "4")]
+    pub volumes: BTreeMap<String, Volume>,
+    /// Repair jobs by id.
+    #[prost(btree_map = "uint64, message", tag = "5")]
+    pub repairs: BTreeMap<u64, RepairJob>,
+}
+
+/// A change to the pool state; the payload of one Raft entry.
+#[derive(Clone, PartialEq, Message)]
+pub struct Command {
+    /// The change.
+    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
+    pub op: Option<Op>,
+}
+
+/// The kinds of change.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Op {
+    /// Fix the pool settings; only once.
+    #[prost(message, tag = "1")]
+    InitPool(PoolSettings),
+    /// Add a node (state `up`).
+    #[prost(message, tag = "2")]
+    AddNode(AddNode),
+    /// Change a node's state.
+    #[prost(message, tag = "3")]
+    SetNodeState(SetNodeState),
+    /// Add a disk to a node.
+    #[prost(message, tag = "4")]
+    AddDisk(AddDisk),
+    /// Change a disk's state.
+    #[prost(message, tag = "5")]
+    SetDiskState(SetDiskState),
+    /// Create a volume.
+    #[prost(message, tag = "6")]
+    CreateVolume(CreateVolume),
+    /// Grow a volume.
+    #[prost(message, tag = "7")]
+    ResizeVolume(ResizeVolume),
+    /// Delete a detached volume, freeing its extents.
+    #[prost(message, tag = "8")]
+    DeleteVolume(DeleteVolume),
+    /// Place (or re-place) a slab on the given extents.
+    #[prost(message, tag = "9")]
+    AllocateSlab(AllocateSlab),
+    /// Change one replica's state, fenced by the slab epoch.
+    #[prost(message, tag = "10")]
+    SetReplicaState(SetReplicaState),
+    /// Make a node the volume's single writer.
+    #[prost(message, tag = "11")]
+    AttachVolume(AttachVolume),
+    /// Release the volume's writer.
+    #[prost(message, tag = "12")]
+    DetachVolume(DetachVolume),
+    /// Start rebuilding a replica (marks it `rebuilding`).
+    #[prost(message, tag = "13")]
+    StartRepair(RepairJob),
+    /// Finish a repair job (marks the replica `current`).
+    #[prost(message, tag = "14")]
+    FinishRepair(FinishRepair),
+}
+
+/// Payload of [`Op::AddNode`].
+#[derive(Clone, PartialEq, Message)]
+pub struct AddNode {
+    /// New node id; non-zero, unused.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// gRPC address; unique among non-retired nodes.
+    #[prost(string, tag = "2")]
+    pub address: String,
+    /// Fault-domain path.
+    #[prost(string, repeated, tag = "3")]
+    pub fault_domain: Vec<String>,
+}
+
+/// Payload of [`Op::SetNodeState`].
+#[derive(Clone, PartialEq, Message)]
+pub struct SetNodeState {
+    /// Node id.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// New state.
+    #[prost(enumeration = "NodeState", tag = "2")]
+    pub state: i32,
+}
+
+/// Payload of [`Op::AddDisk`].
+#[derive(Clone, PartialEq, Message)]
+pub struct AddDisk {
+    /// New disk id; unused.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Owning node; must exist and not be retired.
+    #[prost(uint64, tag = "2")]
+    pub node: u64,
+    /// Usable bytes; at least one extent.
+    #[prost(uint64, tag = "3")]
+    pub capacity_bytes: u64,
+}
+
+/// Payload of [`Op::SetDiskState`].
+#[derive(Clone, PartialEq, Message)]
+pub struct SetDiskState {
+    /// Disk id.
+    #[prost(uint64, tag = "1")]
+    pub disk: u64,
+    /// New state.
+    #[prost(enumeration = "DiskState", tag = "2")]
+    pub state: i32,
+}
+
+/// Payload of [`Op::CreateVolume`].
+#[derive(Clone, PartialEq, Message)]
+pub struct CreateVolume {
+    /// Unused, non-empty name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Non-zero multiple of the extent size.
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+    /// Resiliency.
+    #[prost(enumeration = "Resiliency", tag = "3")]
+    pub resiliency: i32,
+}
+
+/// Payload of [`Op::ResizeVolume`].
+#[derive(Clone, PartialEq, Message)]
+pub struct ResizeVolume {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// New size: larger than now, a multiple of the extent size.
+    #[prost(uint64, tag = "2")]
+    pub size_bytes: u64,
+}
+
+/// Payload of [`Op::DeleteVolume`].
+#[derive(Clone, PartialEq, Message)]
+pub struct DeleteVolume {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+}
+
+/// Payload of [`Op::AllocateSlab`].
+#[derive(Clone, PartialEq, Message)]
+pub struct AllocateSlab {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// Slab number, below size / extent size.
+    #[prost(uint64, tag = "2")]
+    pub slab: u64,
+    /// Exactly `resiliency.copies()` replicas on distinct nodes, on free extents of online disks of up nodes.
+    #[prost(message, repeated, tag = "3")]
+    pub replicas: Vec<Replica>,
+    /// Greater than the slab's current epoch (any value > 0 for a new slab).
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+}
+
+/// Payload of [`Op::SetReplicaState`].
+#[derive(Clone, PartialEq, Message)]
+pub struct SetReplicaState {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// Slab number.
+    #[prost(uint64, tag = "2")]
+    pub slab: u64,
+    /// Replica index within the slab.
+    #[prost(uint32, tag = "3")]
+    pub replica: u32,
+    /// Must equal the slab's epoch, or the decision is stale.
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    /// New state.
+    #[prost(enumeration = "ReplicaState", tag = "5")]
+    pub state: i32,
+}
+
+/// Payload of [`Op::AttachVolume`].
+#[derive(Clone, PartialEq, Message)]
+pub struct AttachVolume {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// Node that will serve it; must be up.
+    #[prost(uint64, tag = "2")]
+    pub node: u64,
+}
+
+/// Payload of [`Op::DetachVolume`].
+#[derive(Clone, PartialEq, Message)]
+pub struct DetachVolume {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// The node currently attached.
+    #[prost(uint64, tag = "2")]
+    pub node: u64,
+}
+
+/// Payload of [`Op::FinishRepair`].
+#[derive(Clone, PartialEq, Message)]
+pub struct FinishRepair {
+    /// Repair job id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+}
+
+/// Why a command was rejected. The state is unchanged when this is returned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The entry carried no operation, or an enum value this version does not know.
+    #[error("malformed command: {0}")]
+    Malformed(String),
+    /// The pool is not initialised yet (or was already).
+    #[error("pool {0}")]
+    PoolInit(&'static str),
+    /// A referenced object does not exist.
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// Object kind.
+        kind: &'static str,
+        /// Its id or name.
+        id: String,
+    },
+    /// The id or name is already taken.
+    #[error("{kind} {id} already exists")]
+    Exists {
+        /// Object kind.
+        kind: &'static str,
+        /// Its id or name.
+        id: String,
+    },
+    /// The command is well-formed but not allowed in the current state.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What applying one command did.
+pub type ApplyResult = std::result::Result<(), Rejection>;
+
+fn not_found(kind: &'static str, id: impl ToString) -> Rejection {
+    Rejection::NotFound {
+        kind,
+        id: id.to_string(),
+    }
+}
+
+fn exists(kind: &'static str, id: impl ToString) -> Rejection {
+    Rejection::Exists {
+        kind,
+        id: id.to_string(),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Rejection {
+    Rejection::Invalid(msg.into())
+}
+
+fn node_state(v: i32) -> std::result::Result<NodeState, Rejection> {
+    NodeState::try_from(v).map_err(|_| Rejection::Malformed(format!("node state {v}")))
+}
+
+fn disk_state(v: i32) -> std::result::Result<DiskState, Rejection> {
+    DiskState::try_from(v).map_err(|_| Rejection::Malformed(format!("disk state {v}")))
+}
+
+fn replica_state(v: i32) -> std::result::Result<ReplicaState, Rejection> {
+    ReplicaState::try_from(v).map_err(|_| Rejection::Malformed(format!("replica state {v}")))
+}
+
+fn resiliency(v: i32) -> std::result::Result<Resiliency, Rejection> {
+    Resiliency::try_from(v).map_err(|_| Rejection::Malformed(format!("resiliency {v}")))
+}
+
+impl Command {
+    /// Wraps an operation.
+    pub fn new(op: Op) -> Self {
+        Command { op: Some(op) }
+    }
+
+    /// Decodes a command from a Raft entry's data.
+    pub fn decode_from(data: &[u8]) -> Result<Self> {
+        Command::decode(data).map_err(|source| Error::Decode {
+            what: "command",
+            source,
+        })
+    }
+}
+
+impl PoolState {
+    /// Decodes a state from a snapshot's data (empty data is the empty state).
+    pub fn decode_from(data: &[u8]) -> Result<Self> {
+        PoolState::decode(data).map_err(|source| Error::Decode {
+            what: "pool state snapshot",
+            source,
+        })
+    }
+
+    /// Applies one committed command. On `Err` the state is unchanged.
+    ///
+    /// Every check runs before the first mutation, so a rejection never leaves
+    /// a half-applied command behind.
+    pub fn apply(&mut self, cmd: &Command) -> ApplyResult {
+        let Some(op) = &cmd.op else {
+            return Err(Rejection::Malformed("no operation".into()));
+        };
+        match op {
+            Op::InitPool(s) => self.init_pool(s),
+            Op::AddNode(c) => self.add_node(c),
+            Op::SetNodeState(c) => self.set_node_state(c),
+            Op::AddDisk(c) => self.add_disk(c),
+            Op::SetDiskState(c) => self.set_disk_state(c),
+            Op::CreateVolume(c) => self.create_volume(c),
+            Op::ResizeVolume(c) => self.resize_volume(c),
+            Op::DeleteVolume(c) => self.delete_volume(c),
+            Op::AllocateSlab(c) => self.allocate_slab(c),
+            Op::SetReplicaState(c) => self.set_replica_state(c),
+            Op::AttachVolume(c) => self.attach_volume(c),
+            Op::DetachVolume(c) => self.detach_volume(c),
+            Op::StartRepair(c) => self.start_repair(c),
+            Op::FinishRepair(c) => self.finish_repair(c),
+        }
+    }
+
+    fn extent_size(&self) -> std::result::Result<u64, Rejection> {
+        self.settings
+            .as_ref()
+            .map(|s| s.extent_size_bytes)
+            .ok_or(Rejection::PoolInit("not initialised"))
+    }
+
+    fn init_pool(&mut self, s: &PoolSettings) -> ApplyResult {
+        if self.settings.is_some() {
+            return Err(Rejection::PoolInit("already initialised"));
+        }
+        if !s.extent_size_bytes.is_power_of_two() || s.extent_size_bytes < 4096 {
+            return Err(invalid(format!(
+                "extent size {} is not a power of two of at least 4096",
+                s.extent_size_bytes
+            )));
+        }
+        self.settings = Some(s.clone());
+        Ok(())
+    }
+
+    fn add_node(&mut self, c: &AddNode) -> ApplyResult {
+        if c.id == 0 {
+            return Err(invalid("node id 0 is reserved"));
+        }
+        if self.nodes.contains_key(&c.id) {
+            return Err(exists("node", c.id));
+        }
+        if c.address.is_empty() {
+            return Err(invalid("node address is empty"));
+        }
+        if self
+            .nodes
+            .values()
+            .any(|n| n.address == c.address && n.state != NodeState::Retired as i32)
+        {
+            return Err(exists("node address", &c.address));
+        }
+        self.nodes.insert(
+            c.id,
+            Node {
+                id: c.id,
+                address: c.address.clone(),
+                fault_domain: c.fault_domain.clone(),
+                state: NodeState::Up as i32,
+            },
+        );
+        Ok(())
+    }
+
+    fn set_node_state(&mut self, c: &SetNodeState) -> ApplyResult {
+        let state = node_state(c.state)?;
+        let node = self
+            .nodes
+            .get_mut(&c.node)
+            .ok_or(not_found("node", c.node))?;
+        if node.state == NodeState::Retired as i32 {
+            return Err(invalid(format!("node {} is retired", c.node)));
+        }
+        node.state = state as i32;
+        Ok(())
+    }
+
+    fn add_disk(&mut self, c: &AddDisk) -> ApplyResult {
+        let extent = self.extent_size()?;
+        if self.disks.contains_key(&c.id) {
+            return Err(exists("disk", c.id));
+        }
+        let node = self.nodes.get(&c.node).ok_or(not_found("node", c.node))?;
+        if node.state == NodeState::Retired as i32 {
+            return Err(invalid(format!("node {} is retired", c.node)));
+        }
+        if c.capacity_bytes < extent {
+            return Err(invalid(format!(
+                "disk capacity {} is smaller than one extent ({extent})",
+                c.capacity_bytes
+            )));
+        }
+        self.disks.insert(
+            c.id,
+            Disk {
+                id: c.id,
+                node: c.node,
+                capacity_bytes: c.capacity_bytes,
+                state: DiskState::Online as i32,
+                allocated_extents: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn set_disk_state(&mut self, c: &SetDiskState) -> ApplyResult {
+        let state = disk_state(c.state)?;
+        let disk = self
+            .disks
+            .get_mut(&c.disk)
+            .ok_or(not_found("disk", c.disk))?;
+        if disk.state == DiskState::Removed as i32 {
+            return Err(invalid(format!("disk {} is removed", c.disk)));
+        }
+        disk.state = state as i32;
+        Ok(())
+    }
+
+    fn create_volume(&mut self, c: &CreateVolume) -> ApplyResult {
+        let extent = self.extent_size()?;
+        let res = resiliency(c.resiliency)?;
+        if c.name.is_empty() {
+            return Err(invalid("volume name is empty"));
+        }
+        if self.volumes.contains_key(&c.name) {
+            return Err(exists("volume", &c.name));
+        }
+        if c.size_bytes == 0 || !c.size_bytes.is_multiple_of(extent) {
+            return Err(invalid(format!(
+                "volume size {} is not a non-zero multiple of the extent size {extent}",
+                c.size_bytes
+            )));
+        }
+        self.volumes.insert(
+            c.name.clone(),
+            Volume {
+                name: c.name.clone(),
+                size_bytes: c.size_bytes,
+                resiliency: res as i32,
+                slabs: BTreeMap::new(),
+                attachment: None,
+                last_generation: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn resize_volume(&mut self, c: &ResizeVolume) -> ApplyResult {
+        let extent = self.extent_size()?;
+        let vol = self
+            .volumes
+            .get_mut(&c.name)
+            .ok_or(not_found("volume", &c.name))?;
+        if c.size_bytes <= vol.size_bytes || !c.size_bytes.is_multiple_of(extent) {
+            return Err(invalid(format!(
+                "volume {} can only grow to a multiple of {extent} (now {}, asked {})",
+                c.name, vol.size_bytes, c.size_bytes
+            )));
+        }
+        vol.size_bytes = c.size_bytes;
+        Ok(())
+    }
+
+    fn delete_volume(&mut self, c: &DeleteVolume) -> ApplyResult {
+        let vol = self
+            .volumes
+            .get(&c.name)
+            .ok_or(not_found("volume", &c.name))?;
+        if let Some(a) = &vol.attachment {
+            return Err(invalid(format!(
+                "volume {} is attached to node {}",
+                c.name, a.node
+            )));
+        }
+        if self.repairs.values().any(|j| j.volume == c.name) {
+            return Err(invalid(format!("volume {} has repair jobs", c.name)));
+        }
+        if let Some(vol) = self.volumes.remove(&c.name) {
+            for slab in vol.slabs.values() {
+                self.free_extents(&slab.replicas);
+            }
+        }
+        Ok(())
+    }
+
+    fn free_extents(&mut self, replicas: &[Replica]) {
+        for r in replicas {
+            if let Some(disk) = self.disks.get_mut(&r.disk)
+                && let Ok(pos) = disk.allocated_extents.binary_search(&r.extent)
+            {
+                disk.allocated_extents.remove(pos);
+            }
+        }
+    }
+
+    fn allocate_slab(&mut self, c: &AllocateSlab) -> ApplyResult {
+        let extent_size = self.extent_size()?;
+        let vol = self
+            .volumes
+            .get(&c.volume)
+            .ok_or(not_found("volume", &c.volume))?;
+        let res = resiliency(vol.resiliency)?;
+        if c.slab >= vol.size_bytes / extent_size {
+            return Err(invalid(format!(
+                "slab {} is beyond the end of volume {}",
+                c.slab, c.volume
+            )));
+        }
+        let old = vol.slabs.get(&c.slab);
+        let old_epoch = old.map_or(0, |s| s.epoch);
+        if c.epoch <= old_epoch {
+            return Err(invalid(format!(
+                "epoch {} is not newer than slab epoch {old_epoch}",
+                c.epoch
+            )));
+        }
+        if c.replicas.len() != res.copies() {
+            return Err(invalid(format!(
+                "{:?} needs {} replicas, got {}",
+                res,
+                res.copies(),
+                c.replicas.len()
+            )));
+        }
+        let mut seen_nodes = Vec::new();
+        for r in &c.replicas {
+            replica_state(r.state)?;
+            if seen_nodes.contains(&r.node) {
+                return Err(invalid(format!("two replicas on node {}", r.node)));
+            }
+            seen_nodes.push(r.node);
+            let node = self.nodes.get(&r.node).ok_or(not_found("node", r.node))?;
+            if node.state != NodeState::Up as i32 {
+                return Err(invalid(format!("node {} is not up", r.node)));
+            }
+            let disk = self.disks.get(&r.disk).ok_or(not_found("disk", r.disk))?;
+            if disk.node != r.node {
+                return Err(invalid(format!(
+                    "disk {} is not on node {}",
+                    r.disk, r.node
+                )));
+            }
+            if disk.state != DiskState::Online as i32 {
+                return Err(invalid(format!("disk {} is not online", r.disk)));
+            }
+            if r.extent >= disk.capacity_bytes / extent_size {
+                return Err(invalid(format!(
+                    "extent {} is beyond the end of disk {}",
+                    r.extent, r.disk
+                )));
+            }
+            let reused = old.is_some_and(|s| {
+                s.replicas
+                    .iter()
+                    .any(|o| o.disk == r.disk && o.extent == r.extent)
+            });
+            if !reused && disk.allocated_extents.binary_search(&r.extent).is_ok() {
+                return Err(invalid(format!(
+                    "extent {} of disk {} is in use",
+                    r.extent, r.disk
+                )));
+            }
+        }
+        // All checks passed: free the old extents, take the new ones.
+        let old_replicas = old.map(|s| s.replicas.clone()).unwrap_or_default();
+        self.free_extents(&old_replicas);
+        for r in &c.replicas {
+            if let Some(disk) = self.disks.get_mut(&r.disk)
+                && let Err(pos) = disk.allocated_extents.binary_search(&r.extent)
+            {
+                disk.allocated_extents.insert(pos, r.extent);
+            }
+        }
+        if let Some(vol) = self.volumes.get_mut(&c.volume) {
+            vol.slabs.insert(
+                c.slab,
+                Slab {
+                    epoch: c.epoch,
+                    replicas: c.replicas.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn slab_mut(&mut self, volume: &str, slab: u64) -> std::result::Result<&mut Slab, Rejection> {
+        self.volumes
+            .get_mut(volume)
+            .ok_or(not_found("volume", volume))?
+            .slabs
+            .get_mut(&slab)
+            .ok_or(not_found("slab", format!("{volume}/{slab}")))
+    }
+
+    fn set_replica_state(&mut self, c: &SetReplicaState) -> ApplyResult {
+        let state = replica_state(c.state)?;
+        let slab = self.slab_mut(&c.volume, c.slab)?;
+        if slab.epoch != c.epoch {
+            return Err(invalid(format!(
+                "stale epoch {} (slab is at {})",
+                c.epoch, slab.epoch
+            )));
+        }
+        let replica = slab
+            .replicas
+            .get_mut(c.replica as usize)
+            .ok_or(not_found("replica", c.replica))?;
+        replica.state = state as i32;
+        Ok(())
+    }
+
+    fn attach_volume(&mut self, c: &AttachVolume) -> ApplyResult {
+        let node = self.nodes.get(&c.node).ok_or(not_found("node", c.node))?;
+        if node.state != NodeState::Up as i32 {
+            return Err(invalid(format!("node {} is not up", c.node)));
+        }
+        let vol = self
+            .volumes
+            .get_mut(&c.volume)
+            .ok_or(not_found("volume", &c.volume))?;
+        if let Some(a) = &vol.attachment {
+            return Err(invalid(format!(
+                "volume {} is already attached to node {}",
+                c.volume, a.node
+            )));
+        }
+        vol.last_generation += 1;
+        vol.attachment = Some(Attachment {
+            node: c.node,
+            generation: vol.last_generation,
+        });
+        Ok(())
+    }
+
+    fn detach_volume(&mut self, c: &DetachVolume) -> ApplyResult {
+        let vol = self
+            .volumes
+            .get_mut(&c.volume)
+            .ok_or(not_found("volume", &c.volume))?;
+        match &vol.attachment {
+            Some(a) if a.node == c.node => {
+                vol.attachment = None;
+                Ok(())
+            }
+            Some(a) => Err(invalid(format!(
+                "volume {} is attached to node {}, not {}",
+                c.volume, a.node, c.node
+            ))),
+            None => Err(invalid(format!("volume {} is not attached", c.volume))),
+        }
+    }
+
+    fn start_repair(&mut self, c: &RepairJob) -> ApplyResult {
+        if self.repairs.contains_key(&c.id) {
+            return Err(exists("repair job", c.id));
+        }
+        if self
+            .repairs
+            .values()
+            .any(|j| j.volume == c.volume && j.slab == c.slab && j.replica == c.replica)
+        {
+            return Err(invalid(format!(
+                "replica {} of {}/{} is already being repaired",
+                c.replica, c.volume, c.slab
+            )));
+        }
+        self.set_replica_state(&SetReplicaState {
+            volume: c.volume.clone(),
+            slab: c.slab,
+            replica: c.replica,
+            epoch: c.epoch,
+            state: ReplicaState::Rebuilding as i32,
+        })?;
+        self.repairs.insert(c.id, c.clone());
+        Ok(())
+    }
+
+    fn finish_repair(&mut self, c: &FinishRepair) -> ApplyResult {
+        let job = self
+            .repairs
+            .get(&c.id)
+            .ok_or(not_found("repair job", c.id))?
+            .clone();
+        self.set_replica_state(&SetReplicaState {
+            volume: job.volume.clone(),
+            slab: job.slab,
+            replica: job.replica,
+            epoch: job.epoch,
+            state: ReplicaState::Current as i32,
+        })?;
+        self.repairs.remove(&c.id);
+        Ok(())
+    }
+}
