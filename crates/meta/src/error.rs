@@ -34,7 +34,6 @@ pub enum Error {
 }
 
 impl Error {
-    #[allow(dead_code)] // used by the storage module, next
     pub(crate) fn raft_codec(what: &'static str) -> impl FnOnce(protobuf::ProtobufError) -> Error {
         move |source| Error::RaftCodec { what, source }
     }

@@ -22,6 +22,8 @@
 //! compacted by snapshots), so its write amplification is irrelevant here.
 
 pub mod error;
+pub mod node;
 pub mod state;
+pub mod storage;
 
 pub use error::{Error, Result};
