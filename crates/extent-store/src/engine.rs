@@ -327,6 +327,10 @@ fn start_uring_ring() -> io::Result<UringHandle> {
         permits: tokio::sync::Semaphore::new(QUEUE_DEPTH as usize),
     });
     let (stop, stopped) = oneshot::channel();
+    RINGS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Arc::downgrade(&shared));
     tokio::spawn(reap(shared.clone(), efd, stopped));
     Ok(UringHandle {
         shared,
@@ -426,6 +430,43 @@ impl UringShared {
     fn inflight(&self) -> usize {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.slots.len() - st.free.len()
+    }
+}
+
+static RINGS: std::sync::Mutex<Vec<std::sync::Weak<UringShared>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Called by a runtime worker about to sleep: if a ring has requests in
+/// flight, spin on its completion queue for up to `spin` before letting the
+/// worker sleep, so a completion that is microseconds away is handed out
+/// without an eventfd and epoll round trip.
+pub fn poll_before_park(spin: std::time::Duration) {
+    let rings: Vec<Arc<UringShared>> = {
+        let mut l = RINGS.lock().unwrap_or_else(|p| p.into_inner());
+        l.retain(|w| w.strong_count() > 0);
+        l.iter().filter_map(|w| w.upgrade()).collect()
+    };
+    let busy: Vec<&Arc<UringShared>> = rings.iter().filter(|r| r.inflight() > 0).collect();
+    if busy.is_empty() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + spin;
+    loop {
+        let mut found = false;
+        for r in &busy {
+            let ready = {
+                let mut st = r.state.lock().unwrap_or_else(|p| p.into_inner());
+                !st.ring.completion().is_empty()
+            };
+            if ready {
+                r.drain();
+                found = true;
+            }
+        }
+        if found || std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::hint::spin_loop();
     }
 }
 

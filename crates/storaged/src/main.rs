@@ -184,7 +184,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("storaged");
+    builder
+        .enable_all()
+        .thread_name("storaged")
+        .on_thread_park(|| {
+            extent_store::engine::poll_before_park(std::time::Duration::from_micros(50))
+        });
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(default_worker_threads());
     }
