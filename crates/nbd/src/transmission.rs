@@ -497,8 +497,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let result = async {
         while let Some(reply) = rx.recv().await {
             send_reply(&mut wr, reply, structured).await?;
-            while let Ok(reply) = rx.try_recv() {
-                send_reply(&mut wr, reply, structured).await?;
+            loop {
+                while let Ok(reply) = rx.try_recv() {
+                    send_reply(&mut wr, reply, structured).await?;
+                }
+                // Let request tasks that are ready run first, so their
+                // replies share this write instead of costing one each.
+                tokio::task::yield_now().await;
+                match rx.try_recv() {
+                    Ok(reply) => send_reply(&mut wr, reply, structured).await?,
+                    Err(_) => break,
+                }
             }
             wr.flush().await?;
         }
