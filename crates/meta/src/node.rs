@@ -24,12 +24,12 @@ use std::path::Path;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::StateRole;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
 use raft::{Config, RawNode};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::state::{ApplyResult, Command, PoolState, Rejection};
+use crate::state::{ApplyResult, Command, Op, PoolState, Rejection};
 use crate::storage::RedbStorage;
 
 /// Tuning of one node.
@@ -58,8 +58,31 @@ impl NodeConfig {
 }
 
 /// The outcome of a proposal: `Err` if it never reached the log, otherwise
-/// the state machine's verdict.
-pub type ProposalResult = Result<ApplyResult>;
+/// the state machine's verdict and the log index it was applied at.
+pub type ProposalResult = Result<Applied>;
+
+/// A proposal that reached the log and was applied on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Log index of the entry; [`MetaNode::applied`] is at least this now.
+    pub index: u64,
+    /// The state machine's verdict.
+    pub result: ApplyResult,
+}
+
+/// A membership change: the Raft configuration change and the state command
+/// that records it, applied together or not at all.
+#[derive(Clone, Debug)]
+pub enum Membership {
+    /// Add a node as a voter ([`crate::state::Op::AddNode`] with `voter`).
+    AddVoter(Command),
+    /// Add a node as a learner.
+    AddLearner(Command),
+    /// Make a learner a voter ([`crate::state::Op::PromoteNode`]).
+    Promote(Command),
+    /// Remove a node ([`crate::state::Op::RetireNode`]).
+    Remove(Command),
+}
 
 /// One member of the metadata Raft group.
 pub struct MetaNode {
@@ -74,6 +97,10 @@ pub struct MetaNode {
     /// ReadIndex answers waiting for `applied` to reach their index: (index, request id).
     ready_reads: Vec<(u64, u64)>,
     outbox: Vec<Message>,
+    /// Set when the Raft configuration changed: the next snapshot must be
+    /// taken now, because raft-rs refuses a snapshot whose configuration
+    /// does not contain the receiving node (a node that just joined).
+    conf_changed: bool,
 }
 
 /// Request context carried in an entry or ReadIndex: proposing node + request id.
@@ -82,6 +109,16 @@ fn context(node: u64, request: u64) -> Vec<u8> {
     c.extend_from_slice(&node.to_be_bytes());
     c.extend_from_slice(&request.to_be_bytes());
     c
+}
+
+/// The node a membership command is about.
+fn membership_target(cmd: &Command) -> Option<u64> {
+    match &cmd.op {
+        Some(Op::AddNode(c)) => Some(c.id),
+        Some(Op::PromoteNode(c)) => Some(c.node),
+        Some(Op::RetireNode(c)) => Some(c.node),
+        _ => None,
+    }
 }
 
 fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
@@ -95,9 +132,21 @@ impl MetaNode {
     /// is bootstrapped with `voters` (all nodes of a new cluster pass the same
     /// list); an existing one restarts from its snapshot and log.
     pub fn open(cfg: &NodeConfig, path: impl AsRef<Path>, voters: &[u64]) -> Result<Self> {
+        Self::open_with(cfg, path, voters, &PoolState::default())
+    }
+
+    /// Like [`MetaNode::open`], with the state a new cluster starts from.
+    /// With no `voters`, a new store is left empty: the node waits for a
+    /// leader to send it a snapshot (a node joining a running cluster).
+    pub fn open_with(
+        cfg: &NodeConfig,
+        path: impl AsRef<Path>,
+        voters: &[u64],
+        initial: &PoolState,
+    ) -> Result<Self> {
         let mut store = RedbStorage::open(path)?;
-        if !store.is_initialised() {
-            store.bootstrap(voters, PoolState::default().encode_to_vec())?;
+        if !store.is_initialised() && !voters.is_empty() {
+            store.bootstrap(voters, initial.encode_to_vec())?;
         }
         let state = PoolState::decode_from(&store.latest_snapshot().data)?;
         let applied = store.snapshot_metadata().index;
@@ -120,11 +169,16 @@ impl MetaNode {
             state,
             applied,
             snapshot_every: cfg.snapshot_every.max(1),
-            next_request: 1,
+            // Request ids must not repeat across restarts: an entry proposed
+            // before a restart may still be applied after it.
+            next_request: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
             ready_reads: Vec::new(),
             outbox: Vec::new(),
+            conf_changed: false,
         })
     }
 
@@ -141,6 +195,22 @@ impl MetaNode {
     /// The leader this node knows of (0: none).
     pub fn leader_id(&self) -> u64 {
         self.raw.raft.leader_id
+    }
+
+    /// The voters and learners of the current Raft configuration.
+    pub fn members(&self) -> (Vec<u64>, Vec<u64>) {
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        (cs.voters, cs.learners)
+    }
+
+    /// The highest log index known committed.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// Asks the leader (this node) to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
     }
 
     /// The current Raft term.
@@ -194,6 +264,42 @@ impl MetaNode {
             }
             Err(e) => {
                 // The caller may have dropped the receiver; nothing to do then.
+                let _ = tx.send(Err(e.into()));
+            }
+        }
+        rx
+    }
+
+    /// Proposes a membership change. The reply fires like [`MetaNode::propose`]'s;
+    /// the Raft configuration changes only if the state command is accepted.
+    pub fn propose_membership(&mut self, change: Membership) -> oneshot::Receiver<ProposalResult> {
+        let (kind, cmd) = match &change {
+            Membership::AddVoter(c) => (ConfChangeType::AddNode, c),
+            Membership::AddLearner(c) => (ConfChangeType::AddLearnerNode, c),
+            Membership::Promote(c) => (ConfChangeType::AddNode, c),
+            Membership::Remove(c) => (ConfChangeType::RemoveNode, c),
+        };
+        let (tx, rx) = oneshot::channel();
+        let Some(node_id) = membership_target(cmd) else {
+            let _ = tx.send(Ok(Applied {
+                index: 0,
+                result: Err(Rejection::Malformed(
+                    "membership change without a node command".into(),
+                )),
+            }));
+            return rx;
+        };
+        let mut cc = ConfChange::default();
+        cc.set_change_type(kind);
+        cc.node_id = node_id;
+        cc.context = cmd.encode_to_vec().into();
+        let request = self.next_request;
+        self.next_request += 1;
+        match self.raw.propose_conf_change(context(self.id, request), cc) {
+            Ok(()) => {
+                self.proposals.insert(request, tx);
+            }
+            Err(e) => {
                 let _ = tx.send(Err(e.into()));
             }
         }
@@ -299,20 +405,40 @@ impl MetaNode {
                             Ok(cmd) => self.state.apply(&cmd),
                             Err(err) => Err(Rejection::Malformed(err.to_string())),
                         };
-                        self.reply(&e.context, result);
+                        self.reply(&e.context, e.index, result);
                     }
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
                         .map_err(Error::raft_codec("conf change"))?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(cs)?;
+                    // A change that records itself in the state applies to
+                    // Raft only if the state accepts it, so both always agree.
+                    let result = if cc.context.is_empty() {
+                        Ok(())
+                    } else {
+                        match Command::decode_from(&cc.context) {
+                            Ok(cmd) if membership_target(&cmd) == Some(cc.node_id) => {
+                                self.state.apply(&cmd)
+                            }
+                            Ok(_) => Err(Rejection::Malformed(
+                                "membership command names another node".into(),
+                            )),
+                            Err(err) => Err(Rejection::Malformed(err.to_string())),
+                        }
+                    };
+                    if result.is_ok() {
+                        let cs = self.raw.apply_conf_change(&cc)?;
+                        self.raw.mut_store().set_conf_state(cs)?;
+                        self.conf_changed = true;
+                    }
+                    self.reply(&e.context, e.index, result);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .map_err(Error::raft_codec("conf change v2"))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.raw.mut_store().set_conf_state(cs)?;
+                    self.conf_changed = true;
                 }
             }
             self.applied = e.index;
@@ -320,13 +446,13 @@ impl MetaNode {
         Ok(())
     }
 
-    fn reply(&mut self, ctx: &[u8], result: ApplyResult) {
+    fn reply(&mut self, ctx: &[u8], index: u64, result: ApplyResult) {
         if let Some((node, request)) = parse_context(ctx)
             && node == self.id
             && let Some(tx) = self.proposals.remove(&request)
         {
             // The proposer may have given up waiting; that is not an error.
-            let _ = tx.send(Ok(result));
+            let _ = tx.send(Ok(Applied { index, result }));
         }
     }
 
@@ -346,7 +472,9 @@ impl MetaNode {
         let snap_index = self.raw.store().snapshot_metadata().index;
         let commit = self.raw.store().hard_state().commit;
         let target = self.applied.min(commit);
-        if target >= snap_index + self.snapshot_every {
+        let due = target >= snap_index + self.snapshot_every;
+        if (due || self.conf_changed) && target > snap_index {
+            self.conf_changed = false;
             let data = self.state.encode_to_vec();
             self.raw.mut_store().compact_to(target, data)?;
             tracing::debug!(

@@ -99,6 +99,16 @@ pub struct Node {
     /// Lifecycle state.
     #[prost(enumeration = "NodeState", tag = "4")]
     pub state: i32,
+    /// Operator-facing name; unique among non-retired nodes.
+    #[prost(string, tag = "5")]
+    pub name: String,
+    /// Whether the node votes in Raft (false: learner, or retired).
+    /// Changed only together with the Raft configuration (see `node`).
+    #[prost(bool, tag = "6")]
+    pub voter: bool,
+    /// Address of the node's NBD server.
+    #[prost(string, tag = "7")]
+    pub nbd_address: String,
 }
 
 /// A disk of a node, carved into fixed-size extents.
@@ -192,6 +202,35 @@ pub struct Volume {
     /// Generation of the last attachment (kept across detach so it only grows).
     #[prost(uint64, tag = "6")]
     pub last_generation: u64,
+    /// Pool-unique id, assigned at apply; it marks the volume's extents on disk.
+    #[prost(uint64, tag = "7")]
+    pub id: u64,
+    /// The node that stores and serves a `simple` volume.
+    #[prost(uint64, tag = "8")]
+    pub home_node: u64,
+    /// Logical block size the iSCSI target reports: 512 or 4096.
+    #[prost(uint32, tag = "9")]
+    pub block_size: u32,
+    /// iSCSI CHAP; none means no CHAP.
+    #[prost(message, optional, tag = "10")]
+    pub chap: Option<Chap>,
+}
+
+/// iSCSI CHAP credentials of a volume (secrets are part of the metadata).
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct Chap {
+    /// What the initiator presents.
+    #[prost(string, tag = "1")]
+    pub user: String,
+    /// Its secret.
+    #[prost(string, tag = "2")]
+    pub secret: String,
+    /// Mutual CHAP: what the target presents (empty: one-way).
+    #[prost(string, tag = "3")]
+    pub target_user: String,
+    /// Its secret.
+    #[prost(string, tag = "4")]
+    pub target_secret: String,
 }
 
 /// Rebuild of one replica of one slab.
@@ -232,13 +271,23 @@ pub struct PoolState {
     /// Repair jobs by id.
     #[prost(btree_map = "uint64, message", tag = "5")]
     pub repairs: BTreeMap<u64, RepairJob>,
+    /// Set once by `InitCluster`: the cluster's name; empty while the pool
+    /// is a one-node cluster that no node may join.
+    #[prost(string, tag = "6")]
+    pub cluster_name: String,
+    /// The id the next volume gets.
+    #[prost(uint64, tag = "7")]
+    pub next_volume_id: u64,
 }
 
 /// A change to the pool state; the payload of one Raft entry.
 #[derive(Clone, PartialEq, Message)]
 pub struct Command {
     /// The change.
-    #[prost(oneof = "Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
+    #[prost(
+        oneof = "Op",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
+    )]
     pub op: Option<Op>,
 }
 
@@ -287,6 +336,56 @@ pub enum Op {
     /// Finish a repair job (marks the replica `current`).
     #[prost(message, tag = "14")]
     FinishRepair(FinishRepair),
+    /// Name the cluster and open it to joins; only once.
+    #[prost(message, tag = "15")]
+    InitCluster(InitCluster),
+    /// Replace a volume's CHAP settings.
+    #[prost(message, tag = "16")]
+    SetVolumeChap(SetVolumeChap),
+    /// Retire a node for good (with the Raft removal of the node).
+    #[prost(message, tag = "17")]
+    RetireNode(RetireNode),
+    /// Make a learner a voter (with the Raft promotion of the node).
+    #[prost(message, tag = "18")]
+    PromoteNode(PromoteNode),
+}
+
+/// At most this many non-retired nodes form a cluster.
+pub const MAX_NODES: usize = 16;
+
+/// Payload of [`Op::InitCluster`].
+#[derive(Clone, PartialEq, Message)]
+pub struct InitCluster {
+    /// Non-empty cluster name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+}
+
+/// Payload of [`Op::SetVolumeChap`].
+#[derive(Clone, PartialEq, Message)]
+pub struct SetVolumeChap {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// New settings; none turns CHAP off.
+    #[prost(message, optional, tag = "2")]
+    pub chap: Option<Chap>,
+}
+
+/// Payload of [`Op::RetireNode`].
+#[derive(Clone, PartialEq, Message)]
+pub struct RetireNode {
+    /// Node id.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+}
+
+/// Payload of [`Op::PromoteNode`].
+#[derive(Clone, PartialEq, Message)]
+pub struct PromoteNode {
+    /// Node id of a learner.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
 }
 
 /// Payload of [`Op::AddNode`].
@@ -301,6 +400,15 @@ pub struct AddNode {
     /// Fault-domain path.
     #[prost(string, repeated, tag = "3")]
     pub fault_domain: Vec<String>,
+    /// Name; unique among non-retired nodes.
+    #[prost(string, tag = "4")]
+    pub name: String,
+    /// Joins as a voter (else as a learner).
+    #[prost(bool, tag = "5")]
+    pub voter: bool,
+    /// Address of its NBD server.
+    #[prost(string, tag = "6")]
+    pub nbd_address: String,
 }
 
 /// Payload of [`Op::SetNodeState`].
@@ -345,12 +453,21 @@ pub struct CreateVolume {
     /// Unused, non-empty name.
     #[prost(string, tag = "1")]
     pub name: String,
-    /// Non-zero multiple of the extent size.
+    /// Non-zero multiple of 4 KiB.
     #[prost(uint64, tag = "2")]
     pub size_bytes: u64,
     /// Resiliency.
     #[prost(enumeration = "Resiliency", tag = "3")]
     pub resiliency: i32,
+    /// Node that stores and serves it (0: none chosen, e.g. for mirrors).
+    #[prost(uint64, tag = "4")]
+    pub home_node: u64,
+    /// 512 or 4096; 0 means 512.
+    #[prost(uint32, tag = "5")]
+    pub block_size: u32,
+    /// iSCSI CHAP.
+    #[prost(message, optional, tag = "6")]
+    pub chap: Option<Chap>,
 }
 
 /// Payload of [`Op::ResizeVolume`].
@@ -359,7 +476,7 @@ pub struct ResizeVolume {
     /// Volume name.
     #[prost(string, tag = "1")]
     pub name: String,
-    /// New size: larger than now, a multiple of the extent size.
+    /// New size: a non-zero multiple of 4 KiB; shrinking frees the slabs past the end.
     #[prost(uint64, tag = "2")]
     pub size_bytes: u64,
 }
@@ -472,6 +589,18 @@ pub enum Rejection {
 /// What applying one command did.
 pub type ApplyResult = std::result::Result<(), Rejection>;
 
+/// Largest volume: 1 PiB.
+pub const VOLUME_SIZE_MAX: u64 = 1 << 50;
+
+fn check_volume_size(size: u64) -> ApplyResult {
+    if size == 0 || !size.is_multiple_of(4096) || size > VOLUME_SIZE_MAX {
+        return Err(invalid(format!(
+            "volume size {size} is not a non-zero multiple of 4096 of at most 1 PiB"
+        )));
+    }
+    Ok(())
+}
+
 fn not_found(kind: &'static str, id: impl ToString) -> Rejection {
     Rejection::NotFound {
         kind,
@@ -553,6 +682,10 @@ impl PoolState {
             Op::DetachVolume(c) => self.detach_volume(c),
             Op::StartRepair(c) => self.start_repair(c),
             Op::FinishRepair(c) => self.finish_repair(c),
+            Op::InitCluster(c) => self.init_cluster(c),
+            Op::SetVolumeChap(c) => self.set_volume_chap(c),
+            Op::RetireNode(c) => self.retire_node(c),
+            Op::PromoteNode(c) => self.promote_node(c),
         }
     }
 
@@ -587,12 +720,22 @@ impl PoolState {
         if c.address.is_empty() {
             return Err(invalid("node address is empty"));
         }
-        if self
+        let live: Vec<&Node> = self
             .nodes
             .values()
-            .any(|n| n.address == c.address && n.state != NodeState::Retired as i32)
-        {
+            .filter(|n| n.state != NodeState::Retired as i32)
+            .collect();
+        if live.iter().any(|n| n.address == c.address) {
             return Err(exists("node address", &c.address));
+        }
+        if !c.name.is_empty() && live.iter().any(|n| n.name == c.name) {
+            return Err(exists("node name", &c.name));
+        }
+        if live.len() >= MAX_NODES {
+            return Err(invalid(format!(
+                "the cluster already has {} nodes, the most it can hold",
+                live.len()
+            )));
         }
         self.nodes.insert(
             c.id,
@@ -601,13 +744,81 @@ impl PoolState {
                 address: c.address.clone(),
                 fault_domain: c.fault_domain.clone(),
                 state: NodeState::Up as i32,
+                name: if c.name.is_empty() {
+                    format!("node-{}", c.id)
+                } else {
+                    c.name.clone()
+                },
+                voter: c.voter,
+                nbd_address: c.nbd_address.clone(),
             },
         );
         Ok(())
     }
 
+    fn init_cluster(&mut self, c: &InitCluster) -> ApplyResult {
+        self.extent_size()?;
+        if !self.cluster_name.is_empty() {
+            return Err(invalid(format!(
+                "cluster {} is already initialised",
+                self.cluster_name
+            )));
+        }
+        if c.name.is_empty() {
+            return Err(invalid("cluster name is empty"));
+        }
+        self.cluster_name = c.name.clone();
+        Ok(())
+    }
+
+    fn live_node(&self, id: u64) -> std::result::Result<&Node, Rejection> {
+        let node = self.nodes.get(&id).ok_or(not_found("node", id))?;
+        if node.state == NodeState::Retired as i32 {
+            return Err(invalid(format!("node {} is retired", node.name)));
+        }
+        Ok(node)
+    }
+
+    fn retire_node(&mut self, c: &RetireNode) -> ApplyResult {
+        let node = self.live_node(c.node)?;
+        if let Some(v) = self.volumes.values().find(|v| v.home_node == c.node) {
+            return Err(invalid(format!(
+                "node {} still serves volume {}; delete or move it first",
+                node.name, v.name
+            )));
+        }
+        if let Some(node) = self.nodes.get_mut(&c.node) {
+            node.state = NodeState::Retired as i32;
+            node.voter = false;
+        }
+        Ok(())
+    }
+
+    fn promote_node(&mut self, c: &PromoteNode) -> ApplyResult {
+        let node = self.live_node(c.node)?;
+        if node.voter {
+            return Err(invalid(format!("node {} is already a voter", node.name)));
+        }
+        if let Some(node) = self.nodes.get_mut(&c.node) {
+            node.voter = true;
+        }
+        Ok(())
+    }
+
+    fn set_volume_chap(&mut self, c: &SetVolumeChap) -> ApplyResult {
+        let vol = self
+            .volumes
+            .get_mut(&c.volume)
+            .ok_or(not_found("volume", &c.volume))?;
+        vol.chap = c.chap.clone();
+        Ok(())
+    }
+
     fn set_node_state(&mut self, c: &SetNodeState) -> ApplyResult {
         let state = node_state(c.state)?;
+        if state == NodeState::Retired {
+            return Err(invalid("retire a node with RetireNode"));
+        }
         let node = self
             .nodes
             .get_mut(&c.node)
@@ -661,7 +872,7 @@ impl PoolState {
     }
 
     fn create_volume(&mut self, c: &CreateVolume) -> ApplyResult {
-        let extent = self.extent_size()?;
+        self.extent_size()?;
         let res = resiliency(c.resiliency)?;
         if c.name.is_empty() {
             return Err(invalid("volume name is empty"));
@@ -669,12 +880,20 @@ impl PoolState {
         if self.volumes.contains_key(&c.name) {
             return Err(exists("volume", &c.name));
         }
-        if c.size_bytes == 0 || !c.size_bytes.is_multiple_of(extent) {
-            return Err(invalid(format!(
-                "volume size {} is not a non-zero multiple of the extent size {extent}",
-                c.size_bytes
-            )));
+        check_volume_size(c.size_bytes)?;
+        let block_size = match c.block_size {
+            0 => 512,
+            b @ (512 | 4096) => b,
+            b => return Err(invalid(format!("block size {b} is not 512 or 4096"))),
+        };
+        if c.home_node != 0 {
+            let node = self.live_node(c.home_node)?;
+            if node.state != NodeState::Up as i32 {
+                return Err(invalid(format!("node {} is not up", node.name)));
+            }
         }
+        let id = self.next_volume_id.max(1);
+        self.next_volume_id = id + 1;
         self.volumes.insert(
             c.name.clone(),
             Volume {
@@ -684,6 +903,10 @@ impl PoolState {
                 slabs: BTreeMap::new(),
                 attachment: None,
                 last_generation: 0,
+                id,
+                home_node: c.home_node,
+                block_size,
+                chap: c.chap.clone(),
             },
         );
         Ok(())
@@ -695,13 +918,16 @@ impl PoolState {
             .volumes
             .get_mut(&c.name)
             .ok_or(not_found("volume", &c.name))?;
-        if c.size_bytes <= vol.size_bytes || !c.size_bytes.is_multiple_of(extent) {
-            return Err(invalid(format!(
-                "volume {} can only grow to a multiple of {extent} (now {}, asked {})",
-                c.name, vol.size_bytes, c.size_bytes
-            )));
-        }
+        check_volume_size(c.size_bytes)?;
+        let keep = c.size_bytes.div_ceil(extent);
+        let dropped: Vec<Replica> = vol
+            .slabs
+            .range(keep..)
+            .flat_map(|(_, s)| s.replicas.clone())
+            .collect();
+        vol.slabs.retain(|n, _| *n < keep);
         vol.size_bytes = c.size_bytes;
+        self.free_extents(&dropped);
         Ok(())
     }
 
@@ -744,7 +970,7 @@ impl PoolState {
             .get(&c.volume)
             .ok_or(not_found("volume", &c.volume))?;
         let res = resiliency(vol.resiliency)?;
-        if c.slab >= vol.size_bytes / extent_size {
+        if c.slab >= vol.size_bytes.div_ceil(extent_size) {
             return Err(invalid(format!(
                 "slab {} is beyond the end of volume {}",
                 c.slab, c.volume

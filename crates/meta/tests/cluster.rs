@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use meta::node::{MetaNode, NodeConfig, ProposalResult};
+use meta::node::{Membership, MetaNode, NodeConfig, ProposalResult};
 use meta::state::*;
 use prost::Message as _;
 use tokio::sync::oneshot;
@@ -133,7 +133,7 @@ impl Cluster {
         self.settle();
         for _ in 0..200 {
             match rx.try_recv() {
-                Ok(r) => return r.expect("proposal reached the log"),
+                Ok(r) => return r.expect("proposal reached the log").result,
                 Err(oneshot::error::TryRecvError::Empty) => self.tick(),
                 Err(e) => panic!("proposal reply lost: {e}"),
             }
@@ -182,6 +182,7 @@ fn create(name: &str) -> Command {
         name: name.into(),
         size_bytes: 4 << 20,
         resiliency: Resiliency::Simple as i32,
+        ..Default::default()
     }))
 }
 
@@ -378,7 +379,7 @@ fn isolated_minority_cannot_commit_and_rejoins() {
     c.propose(new, create("kept")).expect("majority commits");
     let r: Result<ProposalResult, _> = stuck.try_recv();
     assert!(
-        !matches!(r, Ok(Ok(Ok(())))),
+        !matches!(r, Ok(Ok(ref a)) if a.result.is_ok()),
         "the isolated old leader must not commit alone"
     );
     c.heal();
@@ -389,4 +390,102 @@ fn isolated_minority_cannot_commit_and_rejoins() {
         vec!["kept".to_string()],
         "the old leader adopts the majority's log"
     );
+}
+
+impl Cluster {
+    /// Opens an empty store for a node that will join (no bootstrap).
+    fn start_joiner(&mut self, id: u64) {
+        let path = self._dir.path().join(format!("node-{id}.redb"));
+        self.paths.insert(id, path.clone());
+        let mut cfg = NodeConfig::new(id);
+        cfg.snapshot_every = self.snapshot_every;
+        let node = MetaNode::open(&cfg, &path, &[]).expect("open joiner store");
+        self.nodes.insert(id, node);
+    }
+
+    fn change(&mut self, via: u64, change: Membership) -> ApplyResult {
+        let mut rx = self
+            .nodes
+            .get_mut(&via)
+            .expect("proposing node is live")
+            .propose_membership(change);
+        self.settle();
+        for _ in 0..200 {
+            match rx.try_recv() {
+                Ok(r) => return r.expect("membership change reached the log").result,
+                Err(oneshot::error::TryRecvError::Empty) => self.tick(),
+                Err(e) => panic!("membership reply lost: {e}"),
+            }
+        }
+        panic!("membership change not applied within 200 ticks");
+    }
+}
+
+fn join_cmd(id: u64, voter: bool) -> Command {
+    Command::new(Op::AddNode(AddNode {
+        id,
+        address: format!("127.0.0.1:{}", 7000 + id),
+        voter,
+        ..Default::default()
+    }))
+}
+
+#[test]
+fn learner_joins_catches_up_is_promoted_and_a_voter_is_removed() {
+    let mut c = Cluster::new(1, 5);
+    let leader = c.elect();
+    c.propose(leader, init()).expect("init");
+    c.propose(leader, join_cmd(1, true)).expect("record node 1");
+    for i in 0..12 {
+        c.propose(leader, create(&format!("v{i}"))).expect("create");
+    }
+    c.start_joiner(2);
+    c.change(leader, Membership::AddLearner(join_cmd(2, false)))
+        .expect("node 2 joins as a learner");
+    c.converge();
+    assert_eq!(
+        volumes(&c.nodes[&2]),
+        volumes(&c.nodes[&1]),
+        "the learner caught up (from a snapshot: the log was compacted)"
+    );
+    assert_eq!(c.nodes[&1].members(), (vec![1], vec![2]));
+    assert!(
+        !c.nodes[&2].state().nodes[&2].voter,
+        "recorded as a learner"
+    );
+
+    c.change(
+        leader,
+        Membership::Promote(Command::new(Op::PromoteNode(PromoteNode { node: 2 }))),
+    )
+    .expect("promote node 2");
+    assert_eq!(c.nodes[&1].members(), (vec![1, 2], vec![]));
+    assert!(
+        c.nodes[&1].state().nodes[&2].voter,
+        "state agrees with Raft"
+    );
+
+    let before = c.nodes[&1].members();
+    assert!(
+        c.change(
+            leader,
+            Membership::Promote(Command::new(Op::PromoteNode(PromoteNode { node: 2 })))
+        )
+        .is_err(),
+        "promoting a voter is refused"
+    );
+    assert_eq!(
+        c.nodes[&1].members(),
+        before,
+        "a refused change leaves Raft as it was"
+    );
+
+    c.change(
+        leader,
+        Membership::Remove(Command::new(Op::RetireNode(RetireNode { node: 2 }))),
+    )
+    .expect("retire node 2");
+    assert_eq!(c.nodes[&1].members(), (vec![1], vec![]));
+    c.propose(leader, create("after-retire"))
+        .expect("the one remaining voter commits alone");
 }

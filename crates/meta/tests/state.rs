@@ -18,6 +18,7 @@ fn add_node(id: u64) -> Command {
         id,
         address: format!("127.0.0.1:{}", 7000 + id),
         fault_domain: vec!["rack".into(), format!("host-{id}")],
+        ..Default::default()
     }))
 }
 
@@ -34,6 +35,7 @@ fn create(name: &str, slabs: u64, res: Resiliency) -> Command {
         name: name.into(),
         size_bytes: slabs * EXT,
         resiliency: res as i32,
+        ..Default::default()
     }))
 }
 
@@ -208,11 +210,16 @@ fn repair_marks_replica_rebuilding_then_current_and_is_fenced_by_epoch() {
 #[test]
 fn retired_node_is_terminal_and_gets_no_allocations() {
     let mut s = pool();
-    s.apply(&Command::new(Op::SetNodeState(SetNodeState {
-        node: 3,
-        state: NodeState::Retired as i32,
-    })))
-    .expect("retire");
+    assert!(
+        s.apply(&Command::new(Op::SetNodeState(SetNodeState {
+            node: 3,
+            state: NodeState::Retired as i32,
+        })))
+        .is_err(),
+        "retiring goes through RetireNode, with the Raft removal"
+    );
+    s.apply(&Command::new(Op::RetireNode(RetireNode { node: 3 })))
+        .expect("retire");
     assert!(
         s.apply(&Command::new(Op::SetNodeState(SetNodeState {
             node: 3,
@@ -227,6 +234,111 @@ fn retired_node_is_terminal_and_gets_no_allocations() {
         s.apply(&alloc("v", 0, vec![replica(3, 3, 0)], 1)).is_err(),
         "no extents on a retired node"
     );
+}
+
+#[test]
+fn seventeenth_node_is_refused_and_a_retired_slot_is_reusable() {
+    let mut s = pool();
+    for id in 4..=16 {
+        s.apply(&add_node(id)).expect("nodes 4 to 16 join");
+    }
+    let before = s.clone();
+    let err = s
+        .apply(&add_node(17))
+        .expect_err("a 17th node must be refused");
+    assert!(
+        err.to_string().contains("16 nodes"),
+        "the refusal should say the cluster is full: {err}"
+    );
+    assert_eq!(s, before, "a refused join changes nothing");
+    s.apply(&Command::new(Op::RetireNode(RetireNode { node: 5 })))
+        .expect("retire node 5");
+    s.apply(&add_node(17))
+        .expect("a retired node's place can be taken");
+}
+
+#[test]
+fn node_names_are_unique_and_promotion_needs_a_learner() {
+    let mut s = pool();
+    let named = |id: u64, name: &str| {
+        Command::new(Op::AddNode(AddNode {
+            id,
+            address: format!("10.0.0.{id}:7001"),
+            name: name.into(),
+            ..Default::default()
+        }))
+    };
+    s.apply(&named(4, "alpha")).expect("alpha joins");
+    let err = s.apply(&named(5, "alpha")).expect_err("duplicate name");
+    assert!(err.to_string().contains("alpha"), "{err}");
+    assert!(!s.nodes[&4].voter, "joined as a learner");
+    s.apply(&Command::new(Op::PromoteNode(PromoteNode { node: 4 })))
+        .expect("promote the learner");
+    assert!(s.nodes[&4].voter, "node 4 votes after promotion");
+    assert!(
+        s.apply(&Command::new(Op::PromoteNode(PromoteNode { node: 4 })))
+            .is_err(),
+        "a voter cannot be promoted again"
+    );
+}
+
+#[test]
+fn volumes_get_ids_shrink_frees_slabs_and_chap_changes() {
+    let mut s = pool();
+    s.apply(&create("a", 3, Resiliency::Simple))
+        .expect("create a");
+    s.apply(&create("b", 1, Resiliency::Simple))
+        .expect("create b");
+    assert_ne!(s.volumes["a"].id, s.volumes["b"].id, "ids are unique");
+    assert_eq!(s.volumes["a"].block_size, 512, "default block size");
+    s.apply(&alloc("a", 2, vec![replica(1, 1, 5)], 1))
+        .expect("allocate the last slab");
+    s.apply(&Command::new(Op::ResizeVolume(ResizeVolume {
+        name: "a".into(),
+        size_bytes: EXT + 4096,
+    })))
+    .expect("shrink a");
+    assert!(
+        s.volumes["a"].slabs.is_empty() && s.disks[&1].allocated_extents.is_empty(),
+        "slabs past the new end are freed"
+    );
+    let chap = Chap {
+        user: "u".into(),
+        secret: "twelve-chars".into(),
+        ..Default::default()
+    };
+    s.apply(&Command::new(Op::SetVolumeChap(SetVolumeChap {
+        volume: "a".into(),
+        chap: Some(chap.clone()),
+    })))
+    .expect("set chap");
+    assert_eq!(s.volumes["a"].chap, Some(chap));
+    assert!(
+        s.apply(&Command::new(Op::CreateVolume(CreateVolume {
+            name: "c".into(),
+            size_bytes: 1000,
+            ..Default::default()
+        })))
+        .is_err(),
+        "a size that is not a multiple of 4 KiB is refused"
+    );
+}
+
+#[test]
+fn init_cluster_only_once() {
+    let mut s = pool();
+    s.apply(&Command::new(Op::InitCluster(InitCluster {
+        name: "prod".into(),
+    })))
+    .expect("init");
+    assert!(
+        s.apply(&Command::new(Op::InitCluster(InitCluster {
+            name: "again".into()
+        })))
+        .is_err(),
+        "a second init is refused"
+    );
+    assert_eq!(s.cluster_name, "prod");
 }
 
 #[test]
@@ -276,7 +388,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
         (0u64..5, 0u64..3).prop_map(|(id, a)| Command::new(Op::AddNode(AddNode {
             id,
             address: format!("n{a}"),
-            fault_domain: vec![format!("r{a}")]
+            fault_domain: vec![format!("r{a}")],
+            ..Default::default()
         }))),
         (0u64..5, 0i32..5)
             .prop_map(|(node, state)| Command::new(Op::SetNodeState(SetNodeState { node, state }))),
@@ -291,7 +404,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
             CreateVolume {
                 name,
                 size_bytes: n * EXT,
-                resiliency: r
+                resiliency: r,
+                ..Default::default()
             }
         ))),
         (name.clone(), 0u64..6).prop_map(|(name, n)| Command::new(Op::ResizeVolume(
@@ -333,7 +447,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         (name.clone(), 0u64..5).prop_map(|(volume, node)| Command::new(Op::DetachVolume(
             DetachVolume { volume, node }
         ))),
-        (0u64..3, name, 0u64..3, 0u32..3, 0u64..4).prop_map(
+        (0u64..3, name.clone(), 0u64..3, 0u32..3, 0u64..4).prop_map(
             |(id, volume, slab, replica, epoch)| Command::new(Op::StartRepair(RepairJob {
                 id,
                 volume,
@@ -343,6 +457,21 @@ fn arb_command() -> impl Strategy<Value = Command> {
             }))
         ),
         (0u64..3).prop_map(|id| Command::new(Op::FinishRepair(FinishRepair { id }))),
+        (0u64..2).prop_map(|n| Command::new(Op::InitCluster(InitCluster {
+            name: if n == 0 { String::new() } else { "c".into() }
+        }))),
+        (name, any::<bool>()).prop_map(|(volume, on)| Command::new(Op::SetVolumeChap(
+            SetVolumeChap {
+                volume,
+                chap: on.then(|| Chap {
+                    user: "u".into(),
+                    secret: "s".into(),
+                    ..Default::default()
+                })
+            }
+        ))),
+        (0u64..5).prop_map(|node| Command::new(Op::RetireNode(RetireNode { node }))),
+        (0u64..5).prop_map(|node| Command::new(Op::PromoteNode(PromoteNode { node }))),
     ]
 }
 
