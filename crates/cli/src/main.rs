@@ -4,7 +4,10 @@
 //! default and JSON with `--json`. Every error is one line on stderr and
 //! exit status 1; success is exit status 0.
 
+mod cluster;
+mod pool;
 mod table;
+mod volume;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
@@ -12,7 +15,8 @@ use s2d_proto::v1::pool_service_client::PoolServiceClient;
 use s2d_proto::v1::volume_service_client::VolumeServiceClient;
 use s2d_proto::v1::*;
 use std::time::Duration;
-use table::{Table, human};
+use table::human;
+use volume::chap_mode;
 
 /// How long s2dctl waits for a node before giving up.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,9 +44,15 @@ enum Command {
     /// Create, list, inspect, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// The pool's disks and capacity.
+    /// The pool's nodes, disks and capacity.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Initialize the cluster and see its Raft state and members.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// List, drain and retire the cluster's nodes.
+    #[command(subcommand)]
+    Node(cluster::NodeCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,18 +140,10 @@ fn chap_credentials(
     })
 }
 
-/// off, one-way or mutual.
-fn chap_mode(v: &Volume) -> &'static str {
-    match (v.chap_enabled, v.mutual_chap) {
-        (false, _) => "off",
-        (true, false) => "one-way",
-        (true, true) => "mutual",
-    }
-}
-
 #[derive(Subcommand, Debug)]
 enum PoolCmd {
-    /// Disks, capacity, used and free space.
+    /// Capacity, used and free space per node and disk, and what each
+    /// resiliency can still store.
     Status,
 }
 
@@ -296,27 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if cli.json {
                         print_json(&l.volumes)?;
                     } else {
-                        let mut t = Table::new(&[
-                            "NAME",
-                            "SIZE",
-                            "RESILIENCY",
-                            "ALLOCATED",
-                            "BLOCK",
-                            "CHAP",
-                            "NBD",
-                        ]);
-                        for v in &l.volumes {
-                            t.row(vec![
-                                v.name.clone(),
-                                human(v.size_bytes),
-                                v.resiliency.clone(),
-                                human(v.allocated_bytes),
-                                v.block_size_bytes.to_string(),
-                                chap_mode(v).to_string(),
-                                v.nbd_uri.clone(),
-                            ]);
-                        }
-                        t.print();
+                        volume::volume_table(&l.volumes).print();
                     }
                 }
                 VolumeCmd::Show { name } => {
@@ -325,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(|s| explain(ep, s))?
                         .into_inner();
-                    print_as(cli.json, &v, print_volume)?;
+                    print_as(cli.json, &v, |v| print!("{}", volume::render_volume(v)))?;
                 }
                 VolumeCmd::Resize { name, size } => {
                     let v = c
@@ -385,78 +367,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| explain(ep, s))?
                 .into_inner();
-            print_as(cli.json, &p, print_pool)?;
+            print_as(cli.json, &p, |p| print!("{}", pool::render_pool(p)))?;
         }
+        Command::Cluster(cmd) => cluster::run_cluster(cmd, ch, ep, cli.json).await?,
+        Command::Node(cmd) => cluster::run_node(cmd, ch, ep, cli.json).await?,
     }
     Ok(())
 }
 
-fn print_volume(v: &Volume) {
-    let rows = [
-        ("name", v.name.clone()),
-        ("id", v.id.to_string()),
-        (
-            "size",
-            format!("{} ({} bytes)", human(v.size_bytes), v.size_bytes),
-        ),
-        ("resiliency", v.resiliency.clone()),
-        (
-            "allocated",
-            format!(
-                "{} ({} of {} slabs)",
-                human(v.allocated_bytes),
-                v.slabs_allocated,
-                v.slabs_total
-            ),
-        ),
-        ("nbd", v.nbd_uri.clone()),
-        (
-            "block size",
-            if v.block_size_bytes == 512 {
-                "512 bytes (512e over 4 KiB physical blocks)".to_string()
-            } else {
-                format!("{} bytes", v.block_size_bytes)
-            },
-        ),
-        ("iscsi", v.iscsi_target.clone()),
-        (
-            "iscsi uri",
-            if v.iscsi_uri.is_empty() {
-                "- (this node serves no iSCSI: storaged --iscsi-listen)".to_string()
-            } else {
-                v.iscsi_uri.clone()
-            },
-        ),
-        ("chap", chap_mode(v).to_string()),
-    ];
-    for (k, val) in rows {
-        println!("{k:<11} {val}");
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use cluster::{ClusterCmd, NodeCmd};
 
-fn print_pool(p: &PoolStatusResponse) {
-    println!("pool      {}", p.pool_id);
-    println!("node      {}", p.node_id);
-    println!("extent    {}", human(p.extent_size_bytes));
-    println!(
-        "capacity  {}   used {}   free {}   provisioned {} in {} volumes",
-        human(p.capacity_bytes),
-        human(p.used_bytes),
-        human(p.free_bytes),
-        human(p.provisioned_bytes),
-        p.volumes
-    );
-    println!();
-    let mut t = Table::new(&["DISK", "CAPACITY", "USED", "FREE", "EXTENTS", "ENGINE"]);
-    for d in &p.disks {
-        t.row(vec![
-            d.path.clone(),
-            human(d.capacity_bytes),
-            human(d.used_bytes),
-            human(d.free_bytes),
-            format!("{}/{} free", d.extents_free, d.extents_total),
-            d.io_engine.clone(),
-        ]);
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("s2dctl").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
-    t.print();
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_commands_parse() {
+        assert!(matches!(
+            parse(&["cluster", "init"]).command,
+            Command::Cluster(ClusterCmd::Init { name: None })
+        ));
+        assert!(matches!(
+            parse(&["cluster", "init", "--name", "prod"]).command,
+            Command::Cluster(ClusterCmd::Init { name: Some(n) }) if n == "prod"
+        ));
+        let c = parse(&["--json", "cluster", "status"]);
+        assert!(c.json && matches!(c.command, Command::Cluster(ClusterCmd::Status)));
+    }
+
+    #[test]
+    fn node_commands_parse() {
+        assert!(matches!(
+            parse(&["node", "list", "--json"]).command,
+            Command::Node(NodeCmd::List)
+        ));
+        assert!(matches!(
+            parse(&["node", "drain", "b"]).command,
+            Command::Node(NodeCmd::Drain { node }) if node == "b"
+        ));
+        assert!(matches!(
+            parse(&["node", "retire", "3"]).command,
+            Command::Node(NodeCmd::Retire { node }) if node == "3"
+        ));
+        assert!(Cli::try_parse_from(["s2dctl", "node", "drain"]).is_err());
+    }
 }

@@ -44,6 +44,22 @@ impl Table {
     }
 }
 
+/// Key/value lines, values aligned two spaces after the longest key:
+/// `name        vol1`.
+pub fn pairs(rows: &[(&str, String)]) -> String {
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    rows.iter().map(|(k, v)| format!("{k:<w$} {v}\n")).collect()
+}
+
+/// `-` for an empty field, so columns never look shifted.
+pub fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
 /// Sizes in binary units: 10 GiB, 512 MiB, 4 KiB, 0 B.
 pub fn human(bytes: u64) -> String {
     bytesize::ByteSize(bytes).display().iec().to_string()
@@ -62,6 +78,18 @@ mod tests {
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(lines[0], "NAME         SIZE");
         assert_eq!(lines[2], "b            2 GiB");
+    }
+
+    #[test]
+    fn pairs_are_aligned() {
+        let s = pairs(&[("name", "a".into()), ("block size", "512".into())]);
+        assert_eq!(s, "name        a\nblock size  512\n");
+    }
+
+    #[test]
+    fn empty_fields_are_dashes() {
+        assert_eq!(or_dash(""), "-");
+        assert_eq!(or_dash("x"), "x");
     }
 
     #[test]
