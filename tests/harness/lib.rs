@@ -6,12 +6,13 @@
 //! The binaries come from the same target directory as the test (build
 //! them first: `cargo build --bins`), or from `S2D_BIN_DIR`.
 
+pub mod cluster;
 pub mod iscsi;
 pub mod nbd;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Directory holding storaged and s2dctl.
@@ -66,6 +67,16 @@ pub struct NodeOptions {
     pub io_engine: &'static str,
     /// Serve iSCSI too (`--iscsi-listen` on a free port).
     pub iscsi: bool,
+    /// `--name` (storaged's default: its --listen address).
+    pub name: Option<String>,
+    /// `--fault-domain` (storaged's default: the name).
+    pub fault_domain: Option<String>,
+    /// `--join`: the gRPC address of a member of a running cluster.
+    pub join: Option<SocketAddr>,
+    /// `--down-after`, e.g. "1s" (storaged's default: 10s).
+    pub down_after: Option<&'static str>,
+    /// `--meta-snapshot-every`: Raft entries between metadata snapshots.
+    pub meta_snapshot_every: Option<u64>,
 }
 
 impl Default for NodeOptions {
@@ -76,6 +87,11 @@ impl Default for NodeOptions {
             extent_size: "4MiB",
             io_engine: "auto",
             iscsi: false,
+            name: None,
+            fault_domain: None,
+            join: None,
+            down_after: None,
+            meta_snapshot_every: None,
         }
     }
 }
@@ -92,8 +108,38 @@ pub struct Node {
     log: PathBuf,
 }
 
+/// Why a storaged process did not come up.
+#[derive(Debug)]
+pub enum StartFailure {
+    /// It exited before its ports accepted.
+    Exited { status: ExitStatus, log: String },
+    /// Its ports did not accept within the deadline (it is still running).
+    Timeout { log: String },
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartFailure::Exited { status, log } => {
+                write!(f, "storaged exited during start ({status}); log:\n{log}")
+            }
+            StartFailure::Timeout { log } => {
+                write!(f, "storaged did not start in 30 s; log:\n{log}")
+            }
+        }
+    }
+}
+
 impl Node {
     pub fn start(opts: NodeOptions) -> Node {
+        let mut n = Node::new(opts);
+        n.restart();
+        n
+    }
+
+    /// A node with its data dir and ports chosen, not started yet (start
+    /// it with `restart` or `try_restart`).
+    pub fn new(opts: NodeOptions) -> Node {
         let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4 (/var/tmp)");
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let nbd: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -101,7 +147,7 @@ impl Node {
             .iscsi
             .then(|| format!("127.0.0.1:{}", free_port()).parse().expect("addr"));
         let log = dir.path().join("storaged.log");
-        let mut n = Node {
+        Node {
             dir,
             grpc,
             nbd,
@@ -109,9 +155,7 @@ impl Node {
             opts,
             child: None,
             log,
-        };
-        n.restart();
-        n
+        }
     }
 
     pub fn disk_paths(&self) -> Vec<PathBuf> {
@@ -145,11 +189,42 @@ impl Node {
         if let Some(a) = self.iscsi {
             c.arg("--iscsi-listen").arg(a.to_string());
         }
+        if let Some(n) = &self.opts.name {
+            c.arg("--name").arg(n);
+        }
+        if let Some(f) = &self.opts.fault_domain {
+            c.arg("--fault-domain").arg(f);
+        }
+        if let Some(j) = self.opts.join {
+            c.arg("--join").arg(j.to_string());
+        }
+        if let Some(d) = self.opts.down_after {
+            c.arg("--down-after").arg(d);
+        }
+        if let Some(n) = self.opts.meta_snapshot_every {
+            c.arg("--meta-snapshot-every").arg(n.to_string());
+        }
         c
     }
 
     /// (Re)start the process and wait until all its ports accept.
     pub fn restart(&mut self) {
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
+        }
+    }
+
+    /// (Re)start the process and wait until all its ports accept; a
+    /// process that exits first (e.g. a refused join) is an error, not a
+    /// panic.
+    pub fn try_restart(&mut self) -> Result<(), StartFailure> {
+        self.spawn();
+        self.wait_ready()
+    }
+
+    /// Start the process without waiting for its ports (see `wait_ready`),
+    /// so several nodes that need each other can start together.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "node already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -164,29 +239,49 @@ impl Node {
             .spawn()
             .expect("spawn storaged");
         self.child = Some(child);
+    }
+
+    /// Wait up to 30 s until all ports of the spawned process accept.
+    pub fn wait_ready(&mut self) -> Result<(), StartFailure> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
+                && let Ok(Some(status)) = c.try_wait()
             {
-                panic!(
-                    "storaged exited during start ({st}); log:\n{}",
-                    self.log_text()
-                );
+                self.child = None;
+                return Err(StartFailure::Exited {
+                    status,
+                    log: self.log_text(),
+                });
             }
             if TcpStream::connect(self.grpc).is_ok()
                 && TcpStream::connect(self.nbd).is_ok()
                 && self.iscsi.is_none_or(|a| TcpStream::connect(a).is_ok())
             {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "storaged did not start in 30 s; log:\n{}",
-                self.log_text()
-            );
+            if Instant::now() >= deadline {
+                return Err(StartFailure::Timeout {
+                    log: self.log_text(),
+                });
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether the process was started and has not exited.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The last `n` lines of the node's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     pub fn log_text(&self) -> String {
