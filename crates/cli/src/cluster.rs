@@ -212,6 +212,7 @@ mod tests {
             disks: 2,
             capacity_bytes: 4 << 40,
             nbd_address: format!("10.0.0.{id}:10809"),
+            ..Default::default()
         }
     }
 

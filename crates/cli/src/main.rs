@@ -204,6 +204,13 @@ fn main() {
 /// Turn a gRPC failure into the one line an operator needs.
 fn explain(endpoint: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
+        // storaged itself answers "unavailable" when the cluster has no
+        // quorum; only a failed connection means storaged was not reached.
+        tonic::Code::Unavailable
+            if std::error::Error::source(&s).is_none() && !s.message().contains("transport") =>
+        {
+            anyhow!("{}", s.message())
+        }
         tonic::Code::Unavailable => anyhow!("cannot reach storaged at {endpoint}: {}", s.message()),
         tonic::Code::DeadlineExceeded => {
             anyhow!("storaged at {endpoint} did not answer within {TIMEOUT:?}")

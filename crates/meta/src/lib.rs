@@ -27,3 +27,7 @@ pub mod state;
 pub mod storage;
 
 pub use error::{Error, Result};
+
+/// The raft-rs and protobuf versions the driver speaks, for transports that
+/// move [`raft::eraftpb::Message`]s.
+pub use {protobuf, raft};

@@ -109,6 +109,9 @@ pub struct Node {
     /// Address of the node's NBD server.
     #[prost(string, tag = "7")]
     pub nbd_address: String,
+    /// Address of the node's iSCSI portal; empty: no iSCSI.
+    #[prost(string, tag = "8")]
+    pub iscsi_address: String,
 }
 
 /// A disk of a node, carved into fixed-size extents.
@@ -409,6 +412,9 @@ pub struct AddNode {
     /// Address of its NBD server.
     #[prost(string, tag = "6")]
     pub nbd_address: String,
+    /// Address of its iSCSI portal; empty: no iSCSI.
+    #[prost(string, tag = "7")]
+    pub iscsi_address: String,
 }
 
 /// Payload of [`Op::SetNodeState`].
@@ -751,6 +757,7 @@ impl PoolState {
                 },
                 voter: c.voter,
                 nbd_address: c.nbd_address.clone(),
+                iscsi_address: c.iscsi_address.clone(),
             },
         );
         Ok(())

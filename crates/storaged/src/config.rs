@@ -10,10 +10,15 @@ use extent_store::EngineChoice;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7001";
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_EXTENT_SIZE: u64 = 256 << 20;
+/// A node silent this long is marked down.
+pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(10);
+/// Raft entries between metadata snapshots.
+pub const DEFAULT_META_SNAPSHOT_EVERY: u64 = 1000;
 
 /// The keys of storaged.toml (all optional; flags win).
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +32,11 @@ pub struct FileConfig {
     pub disk_size: Option<String>,
     pub extent_size: Option<String>,
     pub io_engine: Option<String>,
+    pub name: Option<String>,
+    pub fault_domain: Option<String>,
+    pub join: Option<String>,
+    pub down_after: Option<String>,
+    pub meta_snapshot_every: Option<u64>,
 }
 
 /// The flags that can also come from the file.
@@ -41,6 +51,11 @@ pub struct FlagConfig {
     pub disk_size: Option<String>,
     pub extent_size: Option<String>,
     pub io_engine: Option<String>,
+    pub name: Option<String>,
+    pub fault_domain: Option<String>,
+    pub join: Option<String>,
+    pub down_after: Option<String>,
+    pub meta_snapshot_every: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +70,15 @@ pub struct Config {
     /// `None`: the pool's own (or the default for a new pool).
     pub extent_size: Option<u64>,
     pub io_engine: EngineChoice,
+    /// This node's name in the cluster (default: the --listen address).
+    pub name: String,
+    /// Fault-domain path `site/rack/chassis/node`, any prefix omitted
+    /// (default: the name).
+    pub fault_domain: String,
+    /// A member of the cluster to join, at first start.
+    pub join: Option<SocketAddr>,
+    pub down_after: Duration,
+    pub meta_snapshot_every: u64,
 }
 
 /// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
@@ -124,15 +148,59 @@ impl Config {
             .unwrap_or_else(|| "auto".into())
             .parse::<EngineChoice>()
             .map_err(|e| anyhow::anyhow!(e))?;
+        let listen = parse_addr("--listen", &listen)?;
+        let name = flags
+            .name
+            .or(file.name)
+            .unwrap_or_else(|| listen.to_string());
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        if !name_ok {
+            bail!("bad --name {name:?}: use 1 to 64 letters, digits, '-', '_', '.' or ':'");
+        }
+        let fault_domain = flags
+            .fault_domain
+            .or(file.fault_domain)
+            .unwrap_or_else(|| name.clone());
+        placement::FaultDomain::parse(&fault_domain)
+            .map_err(|e| anyhow::anyhow!("bad --fault-domain {fault_domain:?}: {e}"))?;
+        let join = flags
+            .join
+            .or(file.join)
+            .map(|a| parse_addr("--join", &a))
+            .transpose()?;
+        let down_after = match flags.down_after.or(file.down_after) {
+            Some(s) => humantime::parse_duration(&s)
+                .map_err(|e| anyhow::anyhow!("bad --down-after {s:?}: {e} (use e.g. 10s, 1m)"))?,
+            None => DEFAULT_DOWN_AFTER,
+        };
+        if down_after < Duration::from_millis(500) {
+            bail!("--down-after {down_after:?} is too short: at least 500ms");
+        }
+        let meta_snapshot_every = flags
+            .meta_snapshot_every
+            .or(file.meta_snapshot_every)
+            .unwrap_or(DEFAULT_META_SNAPSHOT_EVERY);
+        if meta_snapshot_every == 0 {
+            bail!("--meta-snapshot-every must be at least 1");
+        }
         Ok(Config {
             data_dir,
-            listen: parse_addr("--listen", &listen)?,
+            listen,
             nbd_listen: parse_addr("--nbd-listen", &nbd_listen)?,
             iscsi_listen,
             disks,
             disk_size,
             extent_size,
             io_engine,
+            name,
+            fault_domain,
+            join,
+            down_after,
+            meta_snapshot_every,
         })
     }
 }

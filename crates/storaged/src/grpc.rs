@@ -1,65 +1,46 @@
-//! The gRPC control plane of a node (what `s2dctl` talks to): translates
-//! requests into [`Manager`] calls and errors into gRPC status codes.
+//! The gRPC control plane of a node (what `s2dctl` talks to): every node
+//! answers every request. Changes are validated here, then committed
+//! through Raft ([`MetaHandle::propose`]; a follower's proposal reaches the
+//! leader by itself); reads that must be current use a linearizable read.
+//! Figures only the node holding a disk knows (free extents, a volume's
+//! allocation) are asked of that node, with a deadline; a node that does
+//! not answer is reported as unreachable, never guessed.
 //!
-//! Invariant: this is the only module that imports tonic; every error
-//! reaches the client as one line saying what went wrong.
+//! Invariant: every error reaches the client as one line saying what went
+//! wrong; a refused request changes nothing.
 
 use crate::catalog::{ChapCredentialRecord, ChapRecord, DEFAULT_LOGICAL_BLOCK_SIZE};
-use crate::manager::{Manager, ManagerError, VolumeInfo, VolumeOptions};
+use crate::manager::{self, Manager, ManagerError, chap_to_meta, local_records};
+use crate::meta_service::{MetaError, MetaHandle, MetaView};
+use crate::peer;
+use meta::node::Membership;
+use meta::state::{
+    self as ms, Command, CreateVolume as MetaCreate, InitCluster, NodeState, Op, Rejection,
+    Resiliency as MetaResiliency, RetireNode, SetNodeState, SetVolumeChap as MetaSetChap,
+};
+use s2d_proto::v1::cluster_service_server::ClusterService;
 use s2d_proto::v1::pool_service_server::PoolService;
 use s2d_proto::v1::volume_service_server::VolumeService;
 use s2d_proto::v1::*;
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+pub use s2d_proto::v1::cluster_service_server::ClusterServiceServer;
 pub use s2d_proto::v1::pool_service_server::PoolServiceServer;
 pub use s2d_proto::v1::volume_service_server::VolumeServiceServer;
+
+/// Name of a cluster initialised without one.
+pub const DEFAULT_CLUSTER_NAME: &str = "s2d";
 
 #[derive(Clone)]
 pub struct ControlService {
     manager: Arc<Manager>,
-    nbd_addr: SocketAddr,
-    /// The iSCSI portal, when the node serves iSCSI.
-    iscsi_addr: Option<SocketAddr>,
+    meta: MetaHandle,
 }
 
-impl ControlService {
-    pub fn new(
-        manager: Arc<Manager>,
-        nbd_addr: SocketAddr,
-        iscsi_addr: Option<SocketAddr>,
-    ) -> ControlService {
-        ControlService {
-            manager,
-            nbd_addr,
-            iscsi_addr,
-        }
-    }
-
-    /// The API's view of a volume; never carries CHAP secrets.
-    fn volume(&self, i: VolumeInfo) -> Volume {
-        let iscsi_target = iscsi_target::target_iqn(&i.record.name);
-        Volume {
-            nbd_uri: format!("nbd://{}/{}", self.nbd_addr, i.record.name),
-            iscsi_uri: self
-                .iscsi_addr
-                .map(|a| format!("iscsi://{a}/{iscsi_target}/0"))
-                .unwrap_or_default(),
-            iscsi_target,
-            block_size_bytes: i.record.logical_block_size,
-            chap_enabled: i.record.chap.is_some(),
-            mutual_chap: i.record.chap.as_ref().is_some_and(|c| c.target.is_some()),
-            name: i.record.name,
-            id: i.record.id,
-            size_bytes: i.record.size,
-            resiliency: i.record.resiliency,
-            allocated_bytes: i.allocated_bytes,
-            slabs_allocated: i.slabs_allocated,
-            slabs_total: i.slabs_total,
-        }
-    }
-}
+/// What the nodes asked said about themselves, by node id.
+type Statuses = HashMap<u64, Result<LocalStatusResponse, String>>;
 
 fn status(e: ManagerError) -> Status {
     let msg = e.to_string();
@@ -71,7 +52,7 @@ fn status(e: ManagerError) -> Status {
         | ManagerError::UnknownResiliency(_)
         | ManagerError::BadBlockSize(_)
         | ManagerError::BadChap(_) => Status::invalid_argument(msg),
-        ManagerError::Resiliency(_) => Status::failed_precondition(msg),
+        ManagerError::Resiliency { .. } => Status::failed_precondition(msg),
         ManagerError::PoolFull { .. } => Status::resource_exhausted(msg),
         ManagerError::Catalog(_) | ManagerError::Store(_) => {
             tracing::error!(error = %msg, "control request failed");
@@ -80,8 +61,30 @@ fn status(e: ManagerError) -> Status {
     }
 }
 
-/// The catalog form of CHAP credentials from the API; a target pair must be
-/// given whole or not at all.
+/// A metadata error as a gRPC status.
+pub fn meta_status(e: MetaError) -> Status {
+    match e {
+        MetaError::NoLeader { .. } | MetaError::Timeout(_) => Status::unavailable(e.to_string()),
+        MetaError::Rejected(Rejection::NotFound { kind, id }) => {
+            Status::not_found(format!("{kind} {id} not found"))
+        }
+        MetaError::Rejected(Rejection::Exists { kind: "volume", id }) => {
+            Status::already_exists(format!("volume name {id} is already taken"))
+        }
+        MetaError::Rejected(Rejection::Exists { kind, id }) => {
+            Status::already_exists(format!("{kind} {id} already exists"))
+        }
+        MetaError::Rejected(Rejection::Malformed(m)) => Status::invalid_argument(m),
+        MetaError::Rejected(r) => Status::failed_precondition(r.to_string()),
+        MetaError::Stopped | MetaError::Meta(_) => {
+            tracing::error!(error = %e, "metadata request failed");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+/// The CHAP form of the catalog from the API; a target pair must be given
+/// whole or not at all.
 fn chap_record(c: ChapCredentials) -> Result<ChapRecord, Status> {
     let target = match (c.target_user.is_empty(), c.target_secret.is_empty()) {
         (true, true) => None,
@@ -104,6 +107,279 @@ fn chap_record(c: ChapCredentials) -> Result<ChapRecord, Status> {
     })
 }
 
+pub fn node_state_name(s: i32) -> &'static str {
+    match NodeState::try_from(s) {
+        Ok(NodeState::Up) => "up",
+        Ok(NodeState::Down) => "down",
+        Ok(NodeState::Maintenance) => "draining",
+        Ok(NodeState::Retired) => "retired",
+        Err(_) => "unknown",
+    }
+}
+
+/// This node's disks as the API shows them.
+pub fn local_disks(manager: &Manager, node_name: &str) -> Vec<Disk> {
+    let es = manager.store().extent_size();
+    manager
+        .store()
+        .status()
+        .into_iter()
+        .map(|d| {
+            let free = d.extents_free * es;
+            Disk {
+                path: d.path.display().to_string(),
+                disk_id: d.disk_id.to_string(),
+                capacity_bytes: d.capacity_bytes,
+                used_bytes: d.capacity_bytes - free,
+                free_bytes: free,
+                extents_total: d.extents_total,
+                extents_free: d.extents_free,
+                extents_quarantined: d.extents_quarantined,
+                io_engine: d.engine.to_string(),
+                node: node_name.to_string(),
+            }
+        })
+        .collect()
+}
+
+fn api_node(view: &MetaView, n: &ms::Node) -> Node {
+    let disks: Vec<_> = view
+        .state
+        .disks
+        .values()
+        .filter(|d| d.node == n.id)
+        .collect();
+    let role = if n.state == NodeState::Retired as i32 {
+        "none"
+    } else if n.voter {
+        "voter"
+    } else {
+        "learner"
+    };
+    Node {
+        id: n.id,
+        name: n.name.clone(),
+        address: n.address.clone(),
+        fault_domain: n.fault_domain.join("/"),
+        state: node_state_name(n.state).into(),
+        role: role.into(),
+        leader: view.leader == n.id,
+        disks: disks.len() as u32,
+        capacity_bytes: disks.iter().map(|d| d.capacity_bytes).sum(),
+        nbd_address: n.nbd_address.clone(),
+        iscsi_address: n.iscsi_address.clone(),
+    }
+}
+
+fn find_node<'a>(view: &'a MetaView, key: &str) -> Result<&'a ms::Node, Status> {
+    let by_id = key.parse::<u64>().ok();
+    let mut live = view.state.nodes.values().filter(|n| {
+        (n.name == key || n.address == key || Some(n.id) == by_id)
+            && n.state != NodeState::Retired as i32
+    });
+    live.next()
+        .ok_or_else(|| Status::not_found(format!("node {key} not found")))
+}
+
+impl ControlService {
+    pub fn new(manager: Arc<Manager>, meta: MetaHandle) -> ControlService {
+        ControlService { manager, meta }
+    }
+
+    fn this_name(&self, view: &MetaView) -> String {
+        view.state
+            .nodes
+            .get(&view.this)
+            .map_or(String::new(), |n| n.name.clone())
+    }
+
+    /// Asks each of `nodes` for its local status, concurrently; this node
+    /// answers itself.
+    async fn statuses(&self, view: &MetaView, nodes: impl Iterator<Item = u64>) -> Statuses {
+        let mut out = Statuses::new();
+        let mut asks = Vec::new();
+        for id in nodes {
+            if id == view.this {
+                let name = self.this_name(view);
+                out.insert(
+                    id,
+                    Ok(LocalStatusResponse {
+                        node_id: id,
+                        disks: local_disks(&self.manager, &name),
+                        volumes: self.manager.allocations().await,
+                    }),
+                );
+            } else if let Some(n) = view.state.nodes.get(&id) {
+                let address = n.address.clone();
+                asks.push(async move { (id, peer::local_status(&address).await) });
+            }
+        }
+        out.extend(futures::future::join_all(asks).await);
+        out
+    }
+
+    /// Makes this node's volumes match `view` now (the watcher does it too,
+    /// but a reply must already see the change).
+    async fn sync_local(&self, view: &MetaView) {
+        self.manager
+            .sync(local_records(&view.state, view.this))
+            .await;
+    }
+
+    fn api_volume(&self, view: &MetaView, v: &ms::Volume, st: &Statuses) -> Volume {
+        let rec = manager::record_from_meta(v);
+        let home = view.state.nodes.get(&v.home_node);
+        let (alloc, reachable) = match st.get(&v.home_node) {
+            Some(Ok(s)) => (s.volumes.iter().find(|a| a.name == v.name).cloned(), true),
+            _ => (None, false),
+        };
+        let alloc = alloc.unwrap_or_default();
+        let iscsi_target = iscsi_target::target_iqn(&v.name);
+        let iscsi_address = home.map_or("", |n| n.iscsi_address.as_str());
+        Volume {
+            nbd_uri: home.map_or(String::new(), |n| {
+                format!("nbd://{}/{}", n.nbd_address, v.name)
+            }),
+            iscsi_uri: if iscsi_address.is_empty() {
+                String::new()
+            } else {
+                format!("iscsi://{iscsi_address}/{iscsi_target}/0")
+            },
+            iscsi_target,
+            block_size_bytes: rec.logical_block_size,
+            chap_enabled: rec.chap.is_some(),
+            mutual_chap: rec.chap.as_ref().is_some_and(|c| c.target.is_some()),
+            name: rec.name,
+            id: rec.id,
+            size_bytes: rec.size,
+            resiliency: rec.resiliency,
+            allocated_bytes: alloc.allocated_bytes,
+            slabs_allocated: alloc.slabs_allocated,
+            slabs_total: if reachable {
+                alloc.slabs_total
+            } else {
+                v.size_bytes.div_ceil(self.manager.store().extent_size())
+            },
+            node: home.map_or(String::new(), |n| n.name.clone()),
+            node_reachable: reachable,
+        }
+    }
+
+    async fn show(&self, view: &MetaView, name: &str) -> Result<Volume, Status> {
+        let v = view
+            .state
+            .volumes
+            .get(name)
+            .ok_or_else(|| status(ManagerError::NotFound(name.into())))?;
+        let st = self.statuses(view, std::iter::once(v.home_node)).await;
+        Ok(self.api_volume(view, v, &st))
+    }
+
+    /// Picks the node that stores a new simple volume: placement's choice
+    /// among the up nodes that answer, by their free extents now.
+    async fn place_simple(&self, view: &MetaView) -> Result<u64, Status> {
+        let es = self.manager.store().extent_size();
+        let candidates: Vec<&ms::Node> = view
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up as i32)
+            .collect();
+        let st = self.statuses(view, candidates.iter().map(|n| n.id)).await;
+        let topo = topology(es, &candidates, &st);
+        let (mut free, mut capacity) = (0, 0);
+        for s in st.values().flatten() {
+            for d in &s.disks {
+                free += d.free_bytes;
+                capacity += d.capacity_bytes;
+            }
+        }
+        match placement::allocate_slab(&topo, placement::Resiliency::SIMPLE, None) {
+            Ok(layout) => layout
+                .extents
+                .first()
+                .map(|e| u64::from(e.node.0))
+                .ok_or_else(|| status(ManagerError::PoolFull { free, capacity })),
+            Err(placement::PlacementError::PoolFull { .. })
+            | Err(placement::PlacementError::NotEnoughFaultDomains { .. }) => {
+                Err(status(ManagerError::PoolFull { free, capacity }))
+            }
+            Err(e) => Err(Status::failed_precondition(format!(
+                "cannot place the volume: {e}"
+            ))),
+        }
+    }
+
+    /// Refuses a resiliency the cluster cannot hold now, saying why.
+    fn check_resiliency(&self, view: &MetaView, r: &str) -> Result<(), Status> {
+        let copies = match r {
+            "mirror-2" => 2,
+            "mirror-3" => 3,
+            _ => return Ok(()),
+        };
+        let mut domains: Vec<&Vec<String>> = view
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Up as i32)
+            .map(|n| &n.fault_domain)
+            .collect();
+        domains.sort();
+        domains.dedup();
+        let why = if domains.len() < copies {
+            format!(
+                "with the current nodes: it needs {copies} up nodes in distinct fault domains, the cluster has {}",
+                domains.len()
+            )
+        } else {
+            "yet: mirrored volumes need the replicated data path, which this version does not have"
+                .to_string()
+        };
+        Err(status(ManagerError::Resiliency {
+            resiliency: r.into(),
+            why,
+        }))
+    }
+}
+
+/// Placement's picture of `nodes` from what they said about their disks;
+/// nodes that did not answer are left out.
+fn topology(es: u64, nodes: &[&ms::Node], st: &Statuses) -> placement::Topology {
+    use placement::{DiskId, DiskSpec, FaultDomain, NodeId, Topology};
+    let mut topo = match Topology::new(es) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "placement refused the extent size");
+            return Topology::new(1 << 20).unwrap_or_else(|_| unreachable!("1 MiB is valid"));
+        }
+    };
+    for n in nodes {
+        let Some(Ok(s)) = st.get(&n.id) else { continue };
+        let path = if n.fault_domain.is_empty() {
+            n.name.clone()
+        } else {
+            n.fault_domain.join("/")
+        };
+        let domain =
+            FaultDomain::parse(&path).or_else(|_| FaultDomain::parse(&format!("node-{}", n.id)));
+        let Ok(domain) = domain else { continue };
+        let id = NodeId(n.id as u32);
+        if topo.add_node(id, domain, placement::NodeState::Up).is_err() {
+            continue;
+        }
+        for (i, d) in s.disks.iter().enumerate() {
+            let spec = DiskSpec {
+                id: DiskId((u128::from(n.id) << 64) | i as u128),
+                capacity_extents: d.extents_total,
+                free_extents: d.extents_free,
+                state: placement::DiskState::Healthy,
+            };
+            let _ = topo.add_disk(id, spec);
+        }
+    }
+    topo
+}
+
 #[tonic::async_trait]
 impl VolumeService for ControlService {
     async fn create_volume(
@@ -116,45 +392,66 @@ impl VolumeService for ControlService {
         } else {
             &r.resiliency
         };
-        let options = VolumeOptions {
-            logical_block_size: match r.block_size_bytes {
-                0 => DEFAULT_LOGICAL_BLOCK_SIZE,
-                b => b,
-            },
-            chap: r.chap.map(chap_record).transpose()?,
+        let block_size = match r.block_size_bytes {
+            0 => DEFAULT_LOGICAL_BLOCK_SIZE,
+            b => b,
         };
-        let chap = options.chap.is_some();
-        let block_size = options.logical_block_size;
-        let info = self
-            .manager
-            .create(&r.name, r.size_bytes, resiliency, options)
+        let chap = r.chap.map(chap_record).transpose()?;
+        manager::validate_name(&r.name).map_err(status)?;
+        manager::validate_size(r.size_bytes).map_err(status)?;
+        manager::validate_resiliency(resiliency).map_err(status)?;
+        manager::validate_block_size(block_size).map_err(status)?;
+        if let Some(c) = &chap {
+            manager::validate_chap(c).map_err(status)?;
+        }
+        let view = self.meta.read().await.map_err(meta_status)?;
+        if view.state.volumes.contains_key(&r.name) {
+            return Err(status(ManagerError::NameTaken(r.name)));
+        }
+        self.check_resiliency(&view, resiliency)?;
+        let home = self.place_simple(&view).await?;
+        let view = self
+            .meta
+            .propose(Op::CreateVolume(MetaCreate {
+                name: r.name.clone(),
+                size_bytes: r.size_bytes,
+                resiliency: MetaResiliency::Simple as i32,
+                home_node: home,
+                block_size,
+                chap: chap.as_ref().map(chap_to_meta),
+            }))
             .await
-            .map_err(status)?;
-        tracing::info!(volume = %r.name, size = r.size_bytes, resiliency, block_size, chap, "volume created");
-        Ok(Response::new(self.volume(info)))
+            .map_err(meta_status)?;
+        if home == view.this {
+            self.sync_local(&view).await;
+        }
+        tracing::info!(volume = %r.name, size = r.size_bytes, resiliency, block_size, chap = chap.is_some(), home, "volume created");
+        Ok(Response::new(self.show(&view, &r.name).await?))
     }
 
     async fn list_volumes(
         &self,
         _req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
-        let volumes = self
-            .manager
-            .list()
-            .await
-            .into_iter()
-            .map(|i| self.volume(i))
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let mut homes: Vec<u64> = view.state.volumes.values().map(|v| v.home_node).collect();
+        homes.sort_unstable();
+        homes.dedup();
+        let st = self.statuses(&view, homes.into_iter()).await;
+        let volumes = view
+            .state
+            .volumes
+            .values()
+            .map(|v| self.api_volume(&view, v, &st))
             .collect();
         Ok(Response::new(ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, req: Request<GetVolumeRequest>) -> Result<Response<Volume>, Status> {
-        let info = self
-            .manager
-            .show(&req.into_inner().name)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(self.volume(info)))
+        let view = self.meta.read().await.map_err(meta_status)?;
+        Ok(Response::new(
+            self.show(&view, &req.into_inner().name).await?,
+        ))
     }
 
     async fn resize_volume(
@@ -162,13 +459,34 @@ impl VolumeService for ControlService {
         req: Request<ResizeVolumeRequest>,
     ) -> Result<Response<Volume>, Status> {
         let r = req.into_inner();
-        let info = self
-            .manager
-            .resize(&r.name, r.size_bytes)
+        manager::validate_size(r.size_bytes).map_err(status)?;
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let v = view
+            .state
+            .volumes
+            .get(&r.name)
+            .ok_or_else(|| status(ManagerError::NotFound(r.name.clone())))?;
+        if r.size_bytes > v.size_bytes {
+            let st = self.statuses(&view, std::iter::once(v.home_node)).await;
+            if let Some(Ok(s)) = st.get(&v.home_node) {
+                let free: u64 = s.disks.iter().map(|d| d.free_bytes).sum();
+                let capacity: u64 = s.disks.iter().map(|d| d.capacity_bytes).sum();
+                if free == 0 {
+                    return Err(status(ManagerError::PoolFull { free, capacity }));
+                }
+            }
+        }
+        let view = self
+            .meta
+            .propose(Op::ResizeVolume(ms::ResizeVolume {
+                name: r.name.clone(),
+                size_bytes: r.size_bytes,
+            }))
             .await
-            .map_err(status)?;
+            .map_err(meta_status)?;
+        self.sync_local(&view).await;
         tracing::info!(volume = %r.name, size = r.size_bytes, "volume resized");
-        Ok(Response::new(self.volume(info)))
+        Ok(Response::new(self.show(&view, &r.name).await?))
     }
 
     async fn delete_volume(
@@ -176,7 +494,12 @@ impl VolumeService for ControlService {
         req: Request<DeleteVolumeRequest>,
     ) -> Result<Response<DeleteVolumeResponse>, Status> {
         let name = req.into_inner().name;
-        self.manager.delete(&name).await.map_err(status)?;
+        let view = self
+            .meta
+            .propose(Op::DeleteVolume(ms::DeleteVolume { name: name.clone() }))
+            .await
+            .map_err(meta_status)?;
+        self.sync_local(&view).await;
         tracing::info!(volume = %name, "volume deleted");
         Ok(Response::new(DeleteVolumeResponse {}))
     }
@@ -187,14 +510,25 @@ impl VolumeService for ControlService {
     ) -> Result<Response<Volume>, Status> {
         let r = req.into_inner();
         let chap = r.chap.map(chap_record).transpose()?;
+        if let Some(c) = &chap {
+            manager::validate_chap(c).map_err(status)?;
+        }
         let mode = match &chap {
             None => "off",
             Some(c) if c.target.is_some() => "mutual",
             Some(_) => "one-way",
         };
-        let info = self.manager.set_chap(&r.name, chap).await.map_err(status)?;
+        let view = self
+            .meta
+            .propose(Op::SetVolumeChap(MetaSetChap {
+                volume: r.name.clone(),
+                chap: chap.as_ref().map(chap_to_meta),
+            }))
+            .await
+            .map_err(meta_status)?;
+        self.sync_local(&view).await;
         tracing::info!(volume = %r.name, chap = mode, "volume CHAP changed");
-        Ok(Response::new(self.volume(info)))
+        Ok(Response::new(self.show(&view, &r.name).await?))
     }
 }
 
@@ -204,40 +538,220 @@ impl PoolService for ControlService {
         &self,
         _req: Request<PoolStatusRequest>,
     ) -> Result<Response<PoolStatusResponse>, Status> {
-        let cat = self.manager.catalog().await;
-        let es = cat.extent_size;
-        let disks: Vec<Disk> = self
-            .manager
-            .store()
-            .status()
-            .into_iter()
-            .map(|d| {
-                let free = d.extents_free * es;
-                Disk {
-                    path: d.path.display().to_string(),
-                    disk_id: d.disk_id.to_string(),
-                    capacity_bytes: d.capacity_bytes,
-                    used_bytes: d.capacity_bytes - free,
-                    free_bytes: free,
-                    extents_total: d.extents_total,
-                    extents_free: d.extents_free,
-                    extents_quarantined: d.extents_quarantined,
-                    io_engine: d.engine.to_string(),
-                }
-            })
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let es = self.manager.store().extent_size();
+        let live: Vec<&ms::Node> = view
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.state != NodeState::Retired as i32)
             .collect();
-        let capacity: u64 = disks.iter().map(|d| d.capacity_bytes).sum();
-        let free: u64 = disks.iter().map(|d| d.free_bytes).sum();
+        let st = self.statuses(&view, live.iter().map(|n| n.id)).await;
+        let mut disks = Vec::new();
+        let mut nodes = Vec::new();
+        for n in &live {
+            let mut np = NodePool {
+                id: n.id,
+                name: n.name.clone(),
+                state: node_state_name(n.state).into(),
+                ..Default::default()
+            };
+            if let Some(Ok(s)) = st.get(&n.id) {
+                np.reachable = true;
+                np.disks = s.disks.len() as u32;
+                for d in &s.disks {
+                    np.capacity_bytes += d.capacity_bytes;
+                    np.used_bytes += d.used_bytes;
+                    np.free_bytes += d.free_bytes;
+                    let mut d = d.clone();
+                    d.node = n.name.clone();
+                    disks.push(d);
+                }
+            }
+            nodes.push(np);
+        }
+        let up: Vec<&ms::Node> = live
+            .iter()
+            .copied()
+            .filter(|n| n.state == NodeState::Up as i32)
+            .collect();
+        let topo = topology(es, &up, &st);
+        let usable = [
+            ("simple", placement::Resiliency::SIMPLE),
+            ("mirror-2", placement::Resiliency::MIRROR_2),
+            ("mirror-3", placement::Resiliency::MIRROR_3),
+        ]
+        .into_iter()
+        .map(|(name, r)| {
+            let c = placement::capacity(&topo, r);
+            let domains = topo.nodes().len();
+            UsableCapacity {
+                resiliency: name.into(),
+                bytes: c.usable_free_bytes,
+                note: if domains < r.width() {
+                    format!(
+                        "needs {} up nodes in distinct fault domains, {domains} answer",
+                        r.width()
+                    )
+                } else if c.usable_free_bytes == 0 {
+                    "no free space".into()
+                } else {
+                    String::new()
+                },
+            }
+        })
+        .collect();
+        let capacity: u64 = nodes.iter().map(|n| n.capacity_bytes).sum();
+        let free: u64 = nodes.iter().map(|n| n.free_bytes).sum();
         Ok(Response::new(PoolStatusResponse {
-            pool_id: cat.pool_id.to_string(),
-            node_id: cat.node_id.to_string(),
+            pool_id: self.manager.pool_id(),
+            node_id: view.this.to_string(),
             extent_size_bytes: es,
             capacity_bytes: capacity,
             used_bytes: capacity - free,
             free_bytes: free,
-            provisioned_bytes: cat.volumes.iter().map(|v| v.size).sum(),
-            volumes: cat.volumes.len() as u64,
+            provisioned_bytes: view.state.volumes.values().map(|v| v.size_bytes).sum(),
+            volumes: view.state.volumes.len() as u64,
             disks,
+            nodes,
+            usable,
         }))
+    }
+}
+
+impl ControlService {
+    fn cluster_status_of(&self, view: &MetaView) -> ClusterStatus {
+        let st = &view.state;
+        ClusterStatus {
+            name: if st.cluster_name.is_empty() {
+                String::new()
+            } else {
+                st.cluster_name.clone()
+            },
+            initialized: !st.cluster_name.is_empty(),
+            this_node_id: view.this,
+            leader_id: view.leader,
+            leader_name: st
+                .nodes
+                .get(&view.leader)
+                .map_or(String::new(), |n| n.name.clone()),
+            term: view.term,
+            applied_index: view.applied,
+            voters: view.voters.len() as u32,
+            learners: view.learners.len() as u32,
+            nodes: st.nodes.values().map(|n| api_node(view, n)).collect(),
+            extent_size_bytes: st.settings.as_ref().map_or(0, |s| s.extent_size_bytes),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ControlService {
+    async fn init_cluster(
+        &self,
+        req: Request<InitClusterRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        let mut name = req.into_inner().name;
+        if name.is_empty() {
+            name = DEFAULT_CLUSTER_NAME.into();
+        }
+        let view = self
+            .meta
+            .propose(Op::InitCluster(InitCluster { name: name.clone() }))
+            .await
+            .map_err(meta_status)?;
+        tracing::info!(cluster = %name, "cluster initialised: nodes may join");
+        Ok(Response::new(self.cluster_status_of(&view)))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        // The local view: it answers without a quorum, which is when an
+        // operator needs it most.
+        let view = self.meta.view();
+        Ok(Response::new(self.cluster_status_of(&view)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let nodes = view
+            .state
+            .nodes
+            .values()
+            .map(|n| api_node(&view, n))
+            .collect();
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn drain_node(&self, req: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        let key = req.into_inner().node;
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let id = find_node(&view, &key)?.id;
+        let view = self
+            .meta
+            .propose(Op::SetNodeState(SetNodeState {
+                node: id,
+                state: NodeState::Maintenance as i32,
+            }))
+            .await
+            .map_err(meta_status)?;
+        let n = view
+            .state
+            .nodes
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("node {key} not found")))?;
+        tracing::info!(node = %n.name, "node draining: no new volumes go to it");
+        Ok(Response::new(api_node(&view, n)))
+    }
+
+    async fn retire_node(&self, req: Request<NodeRequest>) -> Result<Response<Node>, Status> {
+        let key = req.into_inner().node;
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let node = find_node(&view, &key)?;
+        let id = node.id;
+        if node.voter && view.voters.len() <= 1 {
+            return Err(Status::failed_precondition(format!(
+                "node {} is the only voter; the cluster cannot go on without it",
+                node.name
+            )));
+        }
+        if view.leader == id {
+            // Hand leadership to another voter first, so the cluster keeps
+            // a leader through the change.
+            if let Some(to) = view.voters.iter().copied().find(|v| *v != id) {
+                self.meta.transfer_leader(to).await.map_err(meta_status)?;
+                let mut rx = self.meta.subscribe();
+                let moved = tokio::time::timeout(
+                    crate::meta_service::CHANGE_TIMEOUT,
+                    rx.wait_for(|v| v.leader != 0 && v.leader != id),
+                )
+                .await;
+                if !matches!(moved, Ok(Ok(_))) {
+                    return Err(Status::unavailable(format!(
+                        "node {} leads the cluster and leadership could not be handed over; retry",
+                        node.name
+                    )));
+                }
+            }
+        }
+        let view = self
+            .meta
+            .change(Membership::Remove(Command::new(Op::RetireNode(
+                RetireNode { node: id },
+            ))))
+            .await
+            .map_err(meta_status)?;
+        let n = view
+            .state
+            .nodes
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("node {key} not found")))?;
+        tracing::info!(node = %n.name, "node retired");
+        Ok(Response::new(api_node(&view, n)))
     }
 }

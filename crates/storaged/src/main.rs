@@ -1,8 +1,14 @@
 //! storaged: the s2d storage daemon of one node.
 //!
-//! Pools the node's disks into extents (extent-store), keeps the volume
-//! catalog, serves volumes over NBD (and iSCSI with `--iscsi-listen`) and
-//! the control plane over gRPC.
+//! Pools the node's disks into extents (extent-store), takes part in the
+//! cluster's metadata (Raft, `meta_service`), serves the volumes it stores
+//! over NBD (and iSCSI with `--iscsi-listen`) and the control plane and
+//! the peer protocol over gRPC.
+//!
+//! Start-up: a node with no metadata yet either forms a one-node cluster
+//! by itself (no `--join`; a catalog left by an older single-node version
+//! is carried into it) or joins the cluster of the node named by `--join`
+//! before it opens any port. Its Raft id is kept in `DATA_DIR/node-id`.
 //! `storaged check --disk PATH` verifies a disk offline.
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting connections, let in-flight
@@ -13,6 +19,8 @@ mod config;
 mod grpc;
 mod iscsi;
 mod manager;
+mod meta_service;
+mod peer;
 mod volume;
 
 use anyhow::{Context, bail};
@@ -63,6 +71,22 @@ struct Cli {
     /// I/O engine: auto (io_uring when available), uring or sync.
     #[arg(long)]
     io_engine: Option<String>,
+    /// This node's name in the cluster (default: the --listen address).
+    #[arg(long)]
+    name: Option<String>,
+    /// Fault domain, site/rack/chassis/node with any prefix omitted
+    /// (default: the name). Copies of a slab never share one.
+    #[arg(long)]
+    fault_domain: Option<String>,
+    /// gRPC address of a member of the cluster to join (first start only).
+    #[arg(long)]
+    join: Option<String>,
+    /// Mark a node down after it is silent this long, e.g. 10s.
+    #[arg(long)]
+    down_after: Option<String>,
+    /// Raft entries between metadata snapshots (log compaction).
+    #[arg(long)]
+    meta_snapshot_every: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +199,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         disk_size: cli.disk_size,
         extent_size: cli.extent_size,
         io_engine: cli.io_engine,
+        name: cli.name,
+        fault_domain: cli.fault_domain,
+        join: cli.join,
+        down_after: cli.down_after,
+        meta_snapshot_every: cli.meta_snapshot_every,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -239,8 +268,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     })
     .await?;
     let store = Arc::new(store);
+    let (meta, node_id) = start_meta(&cfg, &catalog, &store).await?;
+    let mut local = catalog.clone();
+    local.volumes = manager::local_records(&meta.view().state, node_id);
     let manager =
-        Arc::new(manager::Manager::open(cfg.data_dir.clone(), catalog, store.clone()).await?);
+        Arc::new(manager::Manager::open(cfg.data_dir.clone(), local, store.clone()).await?);
+    tokio::spawn(follow_metadata(meta.clone(), manager.clone()));
+    tokio::spawn(register_disks(meta.clone(), store.clone()));
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -266,13 +300,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .map(|l| iscsi::spawn(l, manager.clone(), shutdown.clone()))
         .transpose()
         .context("cannot start the iSCSI target")?;
-    let control =
-        grpc::ControlService::new(manager.clone(), nbd_listener.local_addr()?, iscsi_addr);
+    let control = grpc::ControlService::new(manager.clone(), meta.clone());
+    let peers = peer::Peers::new(meta.clone(), manager.clone(), catalog.extent_size);
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(grpc::VolumeServiceServer::new(control.clone()))
-            .add_service(grpc::PoolServiceServer::new(control))
+            .add_service(grpc::PoolServiceServer::new(control.clone()))
+            .add_service(grpc::ClusterServiceServer::new(control))
+            .add_service(
+                peer::PeerServiceServer::new(peers)
+                    .max_decoding_message_size(peer::PEER_MESSAGE_MAX)
+                    .max_encoding_message_size(peer::PEER_MESSAGE_MAX),
+            )
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
                 grpc_shutdown.cancelled_owned(),
@@ -281,6 +321,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let provider: Arc<dyn block_api::VolumeProvider> = manager.clone();
     let nbd_task = tokio::spawn(nbd_server::serve(nbd_listener, provider, shutdown.clone()));
     tracing::info!(
+        node = %cfg.name,
+        id = node_id,
         listen = %cfg.listen,
         nbd = %cfg.nbd_listen,
         iscsi = ?iscsi_addr,
@@ -312,6 +354,221 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     store.close().await.context("final flush failed")?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+const NODE_ID_FILE: &str = "node-id";
+const META_STORE: &str = "meta.redb";
+
+/// Disk ids in the cluster metadata: the node id, then the disk's index.
+fn meta_disk_id(node: u64, index: usize) -> u64 {
+    (node << 16) | index as u64
+}
+
+/// The metadata of a new one-node cluster: this node, its disks, and the
+/// volumes of a catalog written by a single-node version, if any.
+fn bootstrap_state(cfg: &Config, catalog: &Catalog, store: &Store) -> meta::state::PoolState {
+    use meta::state::*;
+    let mut st = PoolState {
+        settings: Some(PoolSettings {
+            name: cfg.name.clone(),
+            extent_size_bytes: catalog.extent_size,
+        }),
+        next_volume_id: catalog.next_volume_id.max(1),
+        ..Default::default()
+    };
+    st.nodes.insert(
+        1,
+        Node {
+            id: 1,
+            address: cfg.listen.to_string(),
+            fault_domain: cfg.fault_domain.split('/').map(str::to_string).collect(),
+            state: NodeState::Up as i32,
+            name: cfg.name.clone(),
+            voter: true,
+            nbd_address: cfg.nbd_listen.to_string(),
+            iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
+        },
+    );
+    for (i, d) in store.status().iter().enumerate() {
+        let id = meta_disk_id(1, i);
+        st.disks.insert(
+            id,
+            Disk {
+                id,
+                node: 1,
+                capacity_bytes: d.capacity_bytes,
+                state: DiskState::Online as i32,
+                allocated_extents: Vec::new(),
+            },
+        );
+    }
+    for v in &catalog.volumes {
+        st.volumes.insert(
+            v.name.clone(),
+            Volume {
+                name: v.name.clone(),
+                size_bytes: v.size,
+                resiliency: Resiliency::Simple as i32,
+                id: v.id,
+                home_node: 1,
+                block_size: v.logical_block_size,
+                chap: v.chap.as_ref().map(manager::chap_to_meta),
+                ..Default::default()
+            },
+        );
+    }
+    st
+}
+
+/// Opens this node's Raft member: restarts it, forms a one-node cluster,
+/// or joins the cluster at `--join`; then starts the metadata thread.
+async fn start_meta(
+    cfg: &Config,
+    catalog: &Catalog,
+    store: &Store,
+) -> anyhow::Result<(meta_service::MetaHandle, u64)> {
+    let id_path = cfg.data_dir.join(NODE_ID_FILE);
+    let known = match std::fs::read_to_string(&id_path) {
+        Ok(s) => Some(s.trim().parse::<u64>().with_context(|| {
+            format!("{} is damaged: {s:?} is not a node id", id_path.display())
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", id_path.display())),
+    };
+    let mut peers = std::collections::HashMap::new();
+    let mut bootstrap = None;
+    let id = match (known, cfg.join) {
+        (Some(id), join) => {
+            if join.is_some() {
+                tracing::info!(id, "already a member of a cluster; --join ignored");
+            }
+            id
+        }
+        (None, Some(target)) => {
+            let req = s2d_proto::v1::JoinRequest {
+                name: cfg.name.clone(),
+                address: cfg.listen.to_string(),
+                nbd_address: cfg.nbd_listen.to_string(),
+                fault_domain: cfg.fault_domain.clone(),
+                extent_size_bytes: catalog.extent_size,
+                iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
+            };
+            let resp = peer::join(
+                &target.to_string(),
+                req,
+                std::time::Duration::from_secs(120),
+            )
+            .await?;
+            for p in resp.peers {
+                peers.insert(p.id, p.address);
+            }
+            tracing::info!(id = resp.node_id, cluster = %resp.cluster_name, "joined the cluster");
+            resp.node_id
+        }
+        (None, None) => {
+            bootstrap = Some(bootstrap_state(cfg, catalog, store));
+            1
+        }
+    };
+    let mut ncfg = meta::node::NodeConfig::new(id);
+    ncfg.snapshot_every = cfg.meta_snapshot_every;
+    let path = cfg.data_dir.join(META_STORE);
+    let node = match &bootstrap {
+        Some(st) => meta::node::MetaNode::open_with(&ncfg, &path, &[id], st),
+        None => meta::node::MetaNode::open(&ncfg, &path, &[]),
+    }
+    .with_context(|| format!("cannot open the metadata store {}", path.display()))?;
+    if known.is_none() {
+        write_durably(&cfg.data_dir, NODE_ID_FILE, id.to_string().as_bytes())?;
+        if !catalog.volumes.is_empty() {
+            // The volumes now live in the cluster metadata.
+            let mut c = catalog.clone();
+            c.volumes.clear();
+            c.save(&cfg.data_dir)?;
+            tracing::info!(
+                volumes = catalog.volumes.len(),
+                "carried the catalog's volumes into the cluster metadata"
+            );
+        }
+        if bootstrap.is_some() {
+            tracing::info!("formed a one-node cluster; `s2dctl cluster init` opens it to joins");
+        }
+    }
+    let handle = meta_service::start(
+        node,
+        meta_service::MetaSettings {
+            id,
+            address: cfg.listen.to_string(),
+            down_after: cfg.down_after,
+        },
+        peers,
+    )?;
+    Ok((handle, id))
+}
+
+/// Writes `name` in `dir` crash-safely: temporary file, fsync, rename,
+/// directory fsync.
+fn write_durably(dir: &std::path::Path, name: &str, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Keeps this node's volumes in step with the cluster metadata.
+async fn follow_metadata(meta: meta_service::MetaHandle, manager: Arc<manager::Manager>) {
+    let mut rx = meta.subscribe();
+    let mut applied = 0;
+    loop {
+        let view = rx.borrow_and_update().clone();
+        if view.applied != applied {
+            applied = view.applied;
+            manager
+                .sync(manager::local_records(&view.state, view.this))
+                .await;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Records this node's disks in the cluster metadata once the node is in
+/// it (a joined node learns of itself from the leader).
+async fn register_disks(meta: meta_service::MetaHandle, store: Arc<Store>) {
+    let disks = store.status();
+    loop {
+        let view = meta.view();
+        if view.state.nodes.contains_key(&view.this) {
+            let missing: Vec<_> = disks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !view.state.disks.contains_key(&meta_disk_id(view.this, *i)))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            for (i, d) in missing {
+                let op = meta::state::Op::AddDisk(meta::state::AddDisk {
+                    id: meta_disk_id(view.this, i),
+                    node: view.this,
+                    capacity_bytes: d.capacity_bytes,
+                });
+                match meta.propose(op).await {
+                    Ok(_) => {
+                        tracing::info!(disk = %d.path.display(), "disk recorded in the cluster")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "recording a disk failed; retrying"),
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

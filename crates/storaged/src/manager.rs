@@ -1,21 +1,20 @@
-//! The node's volumes: create, list, resize, delete, set CHAP, and hand
-//! them to the front ends (it is the [`VolumeProvider`] the NBD and iSCSI
-//! servers ask; [`Manager::record`] gives the iSCSI target each volume's
-//! block size and CHAP settings at every login).
+//! The volumes this node stores and serves: it starts, resizes and deletes
+//! them as the cluster metadata says ([`Manager::sync`]) and hands them to
+//! the front ends (it is the [`VolumeProvider`] the NBD and iSCSI servers
+//! ask; [`Manager::record`] gives the iSCSI target each volume's block size
+//! and CHAP settings at every login). The validation of names, sizes and
+//! CHAP settings that every node applies before proposing a change is here
+//! too.
 //!
-//! Crash safety of the catalog and extents together:
-//! - create: the catalog gains the volume; extents come later, on write.
-//! - shrink: the catalog shrinks first, then extents past the end are
-//!   released; delete: the catalog loses the volume first, then its extents
-//!   and its persistent-reservation file are released. An extent whose
-//!   volume is gone or that lies past its volume's end after a crash is
-//!   released at the next start, and so is a reservation file whose volume
-//!   is gone.
-
-use crate::catalog::{
-    Catalog, CatalogError, ChapCredentialRecord, ChapRecord, DEFAULT_LOGICAL_BLOCK_SIZE,
-    VolumeRecord,
-};
+//! Crash safety of metadata and extents together:
+//! - create: the metadata gains the volume; extents come later, on write.
+//! - shrink and delete: the metadata changes first, then this node
+//!   releases the extents past the end (or all of them) and the persistent-
+//!   reservation file. An extent whose volume is gone, or that lies past
+//!   its volume's end, after a crash is released at the next start, once
+//!   the node has replayed its own Raft log; so is a reservation file whose
+//!   volume is gone.
+use crate::catalog::{Catalog, CatalogError, ChapCredentialRecord, ChapRecord, VolumeRecord};
 use crate::volume::Volume;
 use arc_swap::ArcSwap;
 use block_api::{BLOCK_SIZE, BlockError, BlockVolume, VolumeProvider, VolumeSummary};
@@ -48,10 +47,8 @@ pub enum ManagerError {
     BadName { name: String, why: &'static str },
     #[error("bad size {size}: {why}")]
     BadSize { size: u64, why: String },
-    #[error(
-        "resiliency {0} is not possible here: this node stores simple volumes only (mirrors and parity need a cluster)"
-    )]
-    Resiliency(String),
+    #[error("resiliency {resiliency} is not possible {why}")]
+    Resiliency { resiliency: String, why: String },
     #[error("unknown resiliency {0:?}: use simple, mirror-2, mirror-3 or parity-K+M")]
     UnknownResiliency(String),
     #[error("pool full: {free} bytes free of {capacity}")]
@@ -66,23 +63,6 @@ pub enum ManagerError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Settings of a new volume beyond its name, size and resiliency.
-#[derive(Debug, Clone)]
-pub struct VolumeOptions {
-    /// Logical block size the iSCSI target reports: 512 or 4096.
-    pub logical_block_size: u32,
-    pub chap: Option<ChapRecord>,
-}
-
-impl Default for VolumeOptions {
-    fn default() -> Self {
-        VolumeOptions {
-            logical_block_size: DEFAULT_LOGICAL_BLOCK_SIZE,
-            chap: None,
-        }
-    }
 }
 
 /// What `volume show` reports.
@@ -105,7 +85,7 @@ pub struct Manager {
     volumes: std::sync::Mutex<BTreeMap<String, Arc<Volume>>>,
 }
 
-fn validate_name(name: &str) -> Result<(), ManagerError> {
+pub fn validate_name(name: &str) -> Result<(), ManagerError> {
     let bad = |why| {
         Err(ManagerError::BadName {
             name: name.to_string(),
@@ -127,7 +107,7 @@ fn validate_name(name: &str) -> Result<(), ManagerError> {
     Ok(())
 }
 
-fn validate_size(size: u64) -> Result<(), ManagerError> {
+pub fn validate_size(size: u64) -> Result<(), ManagerError> {
     let why = if size == 0 {
         "a volume needs at least one 4 KiB block".to_string()
     } else if !size.is_multiple_of(BLOCK_SIZE as u64) {
@@ -140,7 +120,7 @@ fn validate_size(size: u64) -> Result<(), ManagerError> {
     Err(ManagerError::BadSize { size, why })
 }
 
-fn validate_block_size(b: u32) -> Result<(), ManagerError> {
+pub fn validate_block_size(b: u32) -> Result<(), ManagerError> {
     match b {
         512 | 4096 => Ok(()),
         b => Err(ManagerError::BadBlockSize(b)),
@@ -174,7 +154,7 @@ fn validate_chap_credential(which: &str, c: &ChapCredentialRecord) -> Result<(),
     Ok(())
 }
 
-fn validate_chap(c: &ChapRecord) -> Result<(), ManagerError> {
+pub fn validate_chap(c: &ChapRecord) -> Result<(), ManagerError> {
     validate_chap_credential("initiator", &c.initiator)?;
     if let Some(t) = &c.target {
         validate_chap_credential("target", t)?;
@@ -187,11 +167,14 @@ fn validate_chap(c: &ChapRecord) -> Result<(), ManagerError> {
     Ok(())
 }
 
-fn validate_resiliency(r: &str) -> Result<(), ManagerError> {
+pub fn validate_resiliency(r: &str) -> Result<(), ManagerError> {
     match r {
         "simple" => Ok(()),
-        "mirror-2" | "mirror-3" => Err(ManagerError::Resiliency(r.into())),
-        r if r.starts_with("parity-") => Err(ManagerError::Resiliency(r.into())),
+        "mirror-2" | "mirror-3" => Ok(()),
+        r if r.starts_with("parity-") => Err(ManagerError::Resiliency {
+            resiliency: r.into(),
+            why: "yet: parity volumes need the erasure-coded data path, which this version does not have".into(),
+        }),
         r => Err(ManagerError::UnknownResiliency(r.into())),
     }
 }
@@ -252,14 +235,6 @@ impl Manager {
         self.published.load().find(name).cloned()
     }
 
-    /// Save `next` crash-safely, then make it the catalog in effect.
-    fn commit(&self, cat: &mut Catalog, next: Catalog) -> Result<(), ManagerError> {
-        next.save(&self.data_dir)?;
-        self.published.store(Arc::new(next.clone()));
-        *cat = next;
-        Ok(())
-    }
-
     fn volume(&self, name: &str) -> Result<Arc<Volume>, ManagerError> {
         self.volumes
             .lock()
@@ -269,88 +244,70 @@ impl Manager {
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))
     }
 
-    fn free_bytes(&self) -> (u64, u64) {
-        let es = self.store.extent_size();
-        self.store.status().iter().fold((0, 0), |(f, c), d| {
-            (f + d.extents_free * es, c + d.capacity_bytes)
-        })
+    /// The id of this node's local pool of disks (written in their superblocks).
+    pub fn pool_id(&self) -> String {
+        self.published.load().pool_id.to_string()
     }
 
-    pub async fn create(
-        &self,
-        name: &str,
-        size: u64,
-        resiliency: &str,
-        options: VolumeOptions,
-    ) -> Result<VolumeInfo, ManagerError> {
-        validate_name(name)?;
-        validate_size(size)?;
-        validate_resiliency(resiliency)?;
-        validate_block_size(options.logical_block_size)?;
-        if let Some(c) = &options.chap {
-            validate_chap(c)?;
-        }
+    /// Make this node's volumes what the cluster metadata says they are:
+    /// start new ones, resize changed ones, delete (and release the
+    /// extents of) those that are gone. Idempotent; one call at a time.
+    pub async fn sync(&self, records: Vec<VolumeRecord>) {
         let mut cat = self.catalog.lock().await;
-        if cat.find(name).is_some() {
-            return Err(ManagerError::NameTaken(name.into()));
+        for old in &cat.volumes {
+            if records.iter().any(|r| r.id == old.id) {
+                continue;
+            }
+            let vol = self
+                .volumes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&old.name);
+            if let Some(v) = vol
+                && let Err(e) = v.delete().await
+            {
+                // Its extents are released at the next start instead.
+                tracing::error!(volume = %old.name, error = %e, "releasing a deleted volume's extents failed");
+            }
+            crate::iscsi::remove_reservations(&self.data_dir, old.id);
+            tracing::info!(volume = %old.name, "volume deleted");
         }
-        let (free, capacity) = self.free_bytes();
-        if free == 0 {
-            return Err(ManagerError::PoolFull { free, capacity });
-        }
-        let mut next = cat.clone();
-        let rec = VolumeRecord {
-            id: next.next_volume_id,
-            name: name.into(),
-            size,
-            resiliency: resiliency.into(),
-            logical_block_size: options.logical_block_size,
-            chap: options.chap,
-        };
-        next.next_volume_id += 1;
-        next.volumes.push(rec.clone());
-        self.commit(&mut cat, next)?;
-        let vol = Volume::start(
-            rec.name.clone(),
-            rec.id,
-            size,
-            self.store.clone(),
-            Vec::new(),
-        );
-        self.volumes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.into(), vol);
-        drop(cat);
-        self.show(name).await
-    }
-
-    pub async fn list(&self) -> Vec<VolumeInfo> {
-        let names: Vec<String> = self
-            .catalog
-            .lock()
-            .await
-            .volumes
-            .iter()
-            .map(|v| v.name.clone())
-            .collect();
-        let mut out = Vec::new();
-        for n in names {
-            if let Ok(i) = self.show(&n).await {
-                out.push(i);
+        for r in &records {
+            match cat.volumes.iter().find(|o| o.id == r.id) {
+                None => {
+                    let vol =
+                        Volume::start(r.name.clone(), r.id, r.size, self.store.clone(), Vec::new());
+                    self.volumes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(r.name.clone(), vol);
+                    tracing::info!(volume = %r.name, size = r.size, "volume created");
+                }
+                Some(o) if o.size != r.size => {
+                    if let Ok(vol) = self.volume(&r.name) {
+                        match vol.resize(r.size).await {
+                            Ok(()) => {
+                                tracing::info!(volume = %r.name, size = r.size, "volume resized")
+                            }
+                            Err(e) => {
+                                tracing::error!(volume = %r.name, error = %e, "resizing failed")
+                            }
+                        }
+                    }
+                }
+                Some(_) => {}
             }
         }
-        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
-        out
+        let mut next = cat.clone();
+        next.volumes = records;
+        self.published.store(Arc::new(next.clone()));
+        *cat = next;
     }
 
-    pub async fn show(&self, name: &str) -> Result<VolumeInfo, ManagerError> {
+    /// Local allocation of `name`, if this node serves it.
+    pub fn show(&self, name: &str) -> Result<VolumeInfo, ManagerError> {
         let rec = self
-            .catalog
-            .lock()
-            .await
-            .find(name)
-            .cloned()
+            .record(name)
             .ok_or_else(|| ManagerError::NotFound(name.into()))?;
         let st = self.volume(name)?.state();
         let es = self.store.extent_size();
@@ -362,70 +319,80 @@ impl Manager {
         })
     }
 
-    pub async fn resize(&self, name: &str, size: u64) -> Result<VolumeInfo, ManagerError> {
-        validate_size(size)?;
-        let mut cat = self.catalog.lock().await;
-        let vol = self.volume(name)?;
-        let mut next = cat.clone();
-        let Some(rec) = next.volumes.iter_mut().find(|v| v.name == name) else {
-            return Err(ManagerError::NotFound(name.into()));
-        };
-        if size > rec.size {
-            let (free, capacity) = self.free_bytes();
-            if free == 0 {
-                return Err(ManagerError::PoolFull { free, capacity });
-            }
-        }
-        rec.size = size;
-        self.commit(&mut cat, next)?;
-        vol.resize(size).await?;
-        drop(cat);
-        self.show(name).await
-    }
-
-    /// Replace the CHAP settings of `name` (`None`: no CHAP); the iSCSI
-    /// target applies them at the next login.
-    pub async fn set_chap(
-        &self,
-        name: &str,
-        chap: Option<ChapRecord>,
-    ) -> Result<VolumeInfo, ManagerError> {
-        if let Some(c) = &chap {
-            validate_chap(c)?;
-        }
-        let mut cat = self.catalog.lock().await;
-        let mut next = cat.clone();
-        let Some(rec) = next.volumes.iter_mut().find(|v| v.name == name) else {
-            return Err(ManagerError::NotFound(name.into()));
-        };
-        rec.chap = chap;
-        self.commit(&mut cat, next)?;
-        drop(cat);
-        self.show(name).await
-    }
-
-    pub async fn delete(&self, name: &str) -> Result<(), ManagerError> {
-        let mut cat = self.catalog.lock().await;
-        let vol = self.volume(name)?;
-        let id = cat
-            .find(name)
-            .map(|r| r.id)
-            .ok_or_else(|| ManagerError::NotFound(name.into()))?;
-        let mut next = cat.clone();
-        next.volumes.retain(|v| v.name != name);
-        self.commit(&mut cat, next)?;
-        self.volumes
+    /// The allocation of every volume this node serves.
+    pub async fn allocations(&self) -> Vec<s2d_proto::v1::VolumeAllocation> {
+        let names: Vec<String> = self
+            .catalog
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-        vol.delete().await?;
-        crate::iscsi::remove_reservations(&self.data_dir, id);
-        Ok(())
+            .await
+            .volumes
+            .iter()
+            .map(|v| v.name.clone())
+            .collect();
+        names
+            .iter()
+            .filter_map(|n| self.show(n).ok())
+            .map(|i| s2d_proto::v1::VolumeAllocation {
+                name: i.record.name,
+                slabs_allocated: i.slabs_allocated,
+                slabs_total: i.slabs_total,
+                allocated_bytes: i.allocated_bytes,
+            })
+            .collect()
     }
+}
 
-    pub async fn catalog(&self) -> Catalog {
-        self.catalog.lock().await.clone()
+/// The node-local record of a volume in the cluster metadata.
+pub fn record_from_meta(v: &meta::state::Volume) -> VolumeRecord {
+    let cred = |user: &str, secret: &str| ChapCredentialRecord {
+        user: user.into(),
+        secret: secret.into(),
+    };
+    VolumeRecord {
+        id: v.id,
+        name: v.name.clone(),
+        size: v.size_bytes,
+        resiliency: resiliency_name(v.resiliency).into(),
+        logical_block_size: v.block_size,
+        chap: v.chap.as_ref().map(|c| ChapRecord {
+            initiator: cred(&c.user, &c.secret),
+            target: (!c.target_user.is_empty()).then(|| cred(&c.target_user, &c.target_secret)),
+        }),
     }
+}
+
+/// The metadata form of CHAP settings.
+pub fn chap_to_meta(c: &ChapRecord) -> meta::state::Chap {
+    meta::state::Chap {
+        user: c.initiator.user.clone(),
+        secret: c.initiator.secret.clone(),
+        target_user: c.target.as_ref().map_or(String::new(), |t| t.user.clone()),
+        target_secret: c
+            .target
+            .as_ref()
+            .map_or(String::new(), |t| t.secret.clone()),
+    }
+}
+
+/// The CLI name of a metadata resiliency.
+pub fn resiliency_name(r: i32) -> &'static str {
+    use meta::state::Resiliency;
+    match Resiliency::try_from(r) {
+        Ok(Resiliency::Simple) => "simple",
+        Ok(Resiliency::TwoWayMirror) => "mirror-2",
+        Ok(Resiliency::ThreeWayMirror) => "mirror-3",
+        Err(_) => "unknown",
+    }
+}
+
+/// The volumes of `state` that node `node` stores and serves.
+pub fn local_records(state: &meta::state::PoolState, node: u64) -> Vec<VolumeRecord> {
+    state
+        .volumes
+        .values()
+        .filter(|v| v.home_node == node)
+        .map(record_from_meta)
+        .collect()
 }
 
 #[async_trait::async_trait]
@@ -467,9 +434,10 @@ mod tests {
             assert!(validate_size(bad).is_err(), "{bad} accepted");
         }
         assert!(validate_resiliency("simple").is_ok());
+        assert!(validate_resiliency("mirror-3").is_ok());
         assert!(matches!(
-            validate_resiliency("mirror-3"),
-            Err(ManagerError::Resiliency(_))
+            validate_resiliency("parity-2+1"),
+            Err(ManagerError::Resiliency { .. })
         ));
         assert!(matches!(
             validate_resiliency("raid5"),
