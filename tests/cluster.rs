@@ -561,12 +561,15 @@ fn a_lagging_node_catches_up_from_a_snapshot() {
         3,
         NodeOptions {
             meta_snapshot_every: Some(5),
+            // "metadata snapshot taken, log compacted index=N" is a debug line.
+            rust_log: Some("info,meta=debug"),
             ..small_node()
         },
     );
     let leader = c.leader();
     let lag = (1..=3).rev().find(|&i| i != leader).unwrap();
     let up: Vec<usize> = (1..=3).filter(|&i| i != lag).collect();
+    let lag_applied = applied(&c, lag).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         c.stop(lag),
         Some(0),
@@ -581,6 +584,26 @@ fn a_lagging_node_catches_up_from_a_snapshot() {
     }
     let now_leader = c.leader();
     let target = applied(&c, now_leader).unwrap_or_else(|e| panic!("{e}"));
+    // The leader's log must be compacted past what the stopped node has,
+    // so that it can only catch up from a snapshot.
+    let compacted = c.wait_for(
+        "the leader to compact its log past the stopped node's applied index",
+        secs(10),
+        |c| {
+            let max = compacted_to(&c.node(now_leader).log_text());
+            match max {
+                Some(m) if m > lag_applied => Ok(m),
+                _ => Err(format!(
+                    "leader node {now_leader} compacted to {max:?}, stopped node \
+                         applied {lag_applied}"
+                )),
+            }
+        },
+    );
+    eprintln!(
+        "stopped node {lag} had applied {lag_applied}; leader {now_leader} compacted its log \
+         to {compacted} (applied {target})"
+    );
 
     c.restart(lag);
     c.wait_for(
@@ -599,16 +622,18 @@ fn a_lagging_node_catches_up_from_a_snapshot() {
             }
         },
     );
-    let log = c.node(lag).log_text();
-    let snap: Vec<&str> = log
-        .lines()
-        .filter(|l| l.to_lowercase().contains("snapshot"))
-        .collect();
-    eprintln!(
-        "node {lag} log lines mentioning a snapshot ({}):\n{}",
-        snap.len(),
-        snap.join("\n")
-    );
+}
+
+/// The highest `index=N` of the "metadata snapshot taken" lines in a log.
+fn compacted_to(log: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("metadata snapshot taken"))
+        .filter_map(|l| {
+            let rest = &l[l.find("index=")? + "index=".len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .max()
 }
 
 #[test]

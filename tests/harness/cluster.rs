@@ -84,7 +84,20 @@ impl Cluster {
             ..c.template.clone()
         });
         c.nodes.push(first);
-        c.ctl_ok(1, &["cluster", "init", "--name", "test"]);
+        // A just-started node may still be electing itself: retry briefly
+        // and say so.
+        let mut tries = 0;
+        c.wait_for("cluster init on node 1", Duration::from_secs(10), |c| {
+            tries += 1;
+            let o = c.ctl(1, &["cluster", "init", "--name", "test"]);
+            if o.status.success() {
+                Ok(())
+            } else {
+                let e = String::from_utf8_lossy(&o.stderr).trim_end().to_string();
+                eprintln!("cluster init on node 1 failed (try {tries}): {e}");
+                Err(e)
+            }
+        });
         for _ in 1..n {
             c.add_node();
         }

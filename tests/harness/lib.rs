@@ -77,6 +77,8 @@ pub struct NodeOptions {
     pub down_after: Option<&'static str>,
     /// `--meta-snapshot-every`: Raft entries between metadata snapshots.
     pub meta_snapshot_every: Option<u64>,
+    /// RUST_LOG of the process (default "info").
+    pub rust_log: Option<&'static str>,
 }
 
 impl Default for NodeOptions {
@@ -92,6 +94,7 @@ impl Default for NodeOptions {
             join: None,
             down_after: None,
             meta_snapshot_every: None,
+            rust_log: None,
         }
     }
 }
@@ -233,7 +236,7 @@ impl Node {
             .expect("log file");
         let child = self
             .command()
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.opts.rust_log.unwrap_or("info"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
