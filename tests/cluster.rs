@@ -494,7 +494,11 @@ fn losing_a_majority_refuses_metadata_commands_until_quorum_returns() {
         surv,
         &["volume", "create", "refused", "--size", "64MiB"],
     );
-    refused_without_leader(&c, surv, &["volume", "list"]);
+    let err = refused_without_leader(&c, surv, &["volume", "list"]);
+    assert!(
+        err.contains("2 of 3 voters unreachable"),
+        "the error should count the unreachable voters: {err:?}"
+    );
     refused_without_leader(&c, surv, &["volume", "show", "keep"]);
     refused_without_leader(&c, surv, &["node", "list"]);
     refused_without_leader(&c, surv, &["pool", "status"]);

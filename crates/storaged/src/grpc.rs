@@ -37,6 +37,7 @@ pub const DEFAULT_CLUSTER_NAME: &str = "s2d";
 pub struct ControlService {
     manager: Arc<Manager>,
     meta: MetaHandle,
+    clients: peer::StatusClients,
 }
 
 /// What the nodes asked said about themselves, by node id.
@@ -183,7 +184,11 @@ fn find_node<'a>(view: &'a MetaView, key: &str) -> Result<&'a ms::Node, Status> 
 
 impl ControlService {
     pub fn new(manager: Arc<Manager>, meta: MetaHandle) -> ControlService {
-        ControlService { manager, meta }
+        ControlService {
+            manager,
+            meta,
+            clients: peer::StatusClients::default(),
+        }
     }
 
     fn this_name(&self, view: &MetaView) -> String {
@@ -211,7 +216,8 @@ impl ControlService {
                 );
             } else if let Some(n) = view.state.nodes.get(&id) {
                 let address = n.address.clone();
-                asks.push(async move { (id, peer::local_status(&address).await) });
+                let clients = &self.clients;
+                asks.push(async move { (id, peer::local_status(clients, &address).await) });
             }
         }
         out.extend(futures::future::join_all(asks).await);
@@ -285,8 +291,7 @@ impl ControlService {
             .values()
             .filter(|n| n.state == NodeState::Up as i32)
             .collect();
-        let st = self.statuses(view, candidates.iter().map(|n| n.id)).await;
-        let topo = topology(es, &candidates, &st);
+        let mut st = self.statuses(view, candidates.iter().map(|n| n.id)).await;
         let (mut free, mut capacity) = (0, 0);
         for s in st.values().flatten() {
             for d in &s.disks {
@@ -294,6 +299,23 @@ impl ControlService {
                 capacity += d.capacity_bytes;
             }
         }
+        // Volumes are thin: a node's free extents do not show the volumes
+        // it already holds. Count their unwritten slabs as taken (keeping at
+        // least one extent free where one is), so new volumes spread over
+        // the nodes instead of piling onto the emptiest one.
+        for s in st.values_mut().flatten() {
+            let mut promised: u64 = s
+                .volumes
+                .iter()
+                .map(|a| a.slabs_total.saturating_sub(a.slabs_allocated))
+                .sum();
+            for d in &mut s.disks {
+                let take = promised.min(d.extents_free.saturating_sub(1));
+                d.extents_free -= take;
+                promised -= take;
+            }
+        }
+        let topo = topology(es, &candidates, &st);
         match placement::allocate_slab(&topo, placement::Resiliency::SIMPLE, None) {
             Ok(layout) => layout
                 .extents

@@ -314,7 +314,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     .max_encoding_message_size(peer::PEER_MESSAGE_MAX),
             )
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                // Small replies must not wait for a delayed ACK (Nagle):
+                // a status call between nodes took 40 ms without this.
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    |s| {
+                        s.inspect(|s| {
+                            if let Err(e) = s.set_nodelay(true) {
+                                tracing::debug!(error = %e, "TCP_NODELAY not set");
+                            }
+                        })
+                    },
+                ),
                 grpc_shutdown.cancelled_owned(),
             ),
     );
@@ -478,6 +489,12 @@ async fn start_meta(
         None => meta::node::MetaNode::open(&ncfg, &path, &[]),
     }
     .with_context(|| format!("cannot open the metadata store {}", path.display()))?;
+    // It holds CHAP secrets.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict access to {}", path.display()))?;
+    }
     if known.is_none() {
         write_durably(&cfg.data_dir, NODE_ID_FILE, id.to_string().as_bytes())?;
         if !catalog.volumes.is_empty() {

@@ -68,7 +68,10 @@ pub struct MetaView {
     pub term: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
-    /// Voters other than this node not heard from lately.
+    /// Voters other than this node it cannot hear: for the leader, those
+    /// silent for 3 s; without a leader, those not heard since the leader
+    /// was lost (live voters answer this node's election requests); for a
+    /// follower, the leader if it went silent.
     pub silent_voters: Vec<u64>,
 }
 
@@ -269,6 +272,7 @@ pub fn start(
         addresses: peers,
         last_seen: HashMap::new(),
         leader_since: None,
+        leaderless_since: None,
         pending_state: HashMap::new(),
         pending_membership: None,
         unreachable_tx,
@@ -303,8 +307,11 @@ struct Driver {
     addresses: HashMap<u64, String>,
     last_seen: HashMap<u64, Instant>,
     leader_since: Option<Instant>,
-    /// Node-state proposals in flight, so a slow commit is not proposed twice.
-    pending_state: HashMap<u64, Instant>,
+    /// Since when this node knows of no leader.
+    leaderless_since: Option<Instant>,
+    /// Node-state proposals in flight (when, and the state asked for), so
+    /// a slow commit is not proposed twice.
+    pending_state: HashMap<u64, (Instant, i32)>,
     pending_membership: Option<Instant>,
     unreachable_tx: mpsc::Sender<u64>,
     /// The published state and the applied index it is at.
@@ -433,13 +440,20 @@ impl Driver {
     fn silent_voters(&self) -> Vec<u64> {
         let now = Instant::now();
         let (voters, _) = self.node.members();
+        let leader = self.node.leader_id();
+        let quiet_since =
+            |v: &u64, since: Instant| self.last_seen.get(v).is_none_or(|t| *t < since);
         voters
             .into_iter()
             .filter(|v| *v != self.settings.id)
-            .filter(|v| {
-                self.last_seen
-                    .get(v)
-                    .is_none_or(|t| now.duration_since(*t) > SILENT_AFTER)
+            .filter(|v| match self.leaderless_since {
+                Some(since) => quiet_since(v, since),
+                None if self.node.is_leader() => {
+                    quiet_since(v, now.checked_sub(SILENT_AFTER).unwrap_or(now))
+                }
+                None => {
+                    *v == leader && quiet_since(v, now.checked_sub(SILENT_AFTER).unwrap_or(now))
+                }
             })
             .collect()
     }
@@ -464,6 +478,11 @@ impl Driver {
 
     /// Publishes the view when anything in it changed.
     fn publish(&mut self) {
+        match (self.node.leader_id(), self.leaderless_since) {
+            (0, None) => self.leaderless_since = Some(Instant::now()),
+            (0, Some(_)) => {}
+            (_, _) => self.leaderless_since = None,
+        }
         let (voters, _) = self.node.members();
         let key = (
             self.node.applied(),
@@ -492,10 +511,13 @@ impl Driver {
         }
         let now = Instant::now();
         let since = *self.leader_since.get_or_insert(now);
-        self.pending_state
-            .retain(|_, t| now.duration_since(*t) < CHANGE_TIMEOUT);
-        let mut proposals = Vec::new();
         let state = self.node.state();
+        // A proposal is done once applied (or given up after a while).
+        self.pending_state.retain(|id, (t, want)| {
+            now.duration_since(*t) < CHANGE_TIMEOUT
+                && state.nodes.get(id).is_some_and(|n| n.state != *want)
+        });
+        let mut proposals = Vec::new();
         for n in state.nodes.values() {
             if n.id == self.settings.id || self.pending_state.contains_key(&n.id) {
                 continue;
@@ -514,6 +536,7 @@ impl Driver {
             };
             proposals.push((
                 n.id,
+                to as i32,
                 Command::new(Op::SetNodeState(SetNodeState {
                     node: n.id,
                     state: to as i32,
@@ -521,8 +544,8 @@ impl Driver {
             ));
         }
         let promote = self.learner_to_promote(now);
-        for (id, cmd) in proposals {
-            self.pending_state.insert(id, now);
+        for (id, want, cmd) in proposals {
+            self.pending_state.insert(id, (now, want));
             // The outcome shows in the state; nobody waits for the reply.
             drop(self.node.propose(&cmd));
         }

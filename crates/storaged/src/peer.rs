@@ -47,9 +47,31 @@ pub fn raft_client(
         .max_encoding_message_size(PEER_MESSAGE_MAX))
 }
 
+/// Connections to other nodes for status calls, by address, reused across
+/// calls (one HTTP/2 connection carries many).
+#[derive(Clone, Default)]
+pub struct StatusClients {
+    clients: Arc<std::sync::Mutex<std::collections::HashMap<String, PeerServiceClient<Channel>>>>,
+}
+
+impl StatusClients {
+    fn get(&self, address: &str) -> Result<PeerServiceClient<Channel>, String> {
+        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
+        map.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
 /// Asks the node at `address` for its local status.
-pub async fn local_status(address: &str) -> Result<LocalStatusResponse, String> {
-    let mut c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
+pub async fn local_status(
+    clients: &StatusClients,
+    address: &str,
+) -> Result<LocalStatusResponse, String> {
+    let mut c = clients.get(address)?;
     match tokio::time::timeout(STATUS_TIMEOUT, c.local_status(LocalStatusRequest {})).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(s.message().to_string()),
