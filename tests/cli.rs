@@ -215,3 +215,69 @@ fn sigterm_stops_cleanly_with_exit_0() {
         "data lost across a clean restart"
     );
 }
+
+/// A data dir written by the single-node version has its volumes only in
+/// `catalog.json`: the first start of the cluster version must carry them
+/// into the Raft metadata with their ids, so their extents (and data) stay.
+#[test]
+fn a_single_node_catalog_is_carried_into_the_cluster_metadata() {
+    if !harness::have("qemu-io") {
+        eprintln!("skipping: qemu-io is missing (apt-get install qemu-utils)");
+        return;
+    }
+    let mut node = Node::start(NodeOptions::default());
+    node.create_volume("old", "64MiB");
+    harness::run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 0 1M", &node.uri("old")],
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&node.ctl_ok(&["--json", "volume", "show", "old"]))
+            .expect("volume show --json");
+    let id = shown["id"].as_u64().expect("volume id");
+    assert_eq!(node.stop(), Some(0), "clean stop");
+
+    // Turn the data dir into what the single-node version left: the volume
+    // in catalog.json, no Raft store, no node id.
+    let data = node.data_dir();
+    let path = data.join("catalog.json");
+    let mut cat: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read catalog"))
+            .expect("catalog is JSON");
+    cat["volumes"] = serde_json::json!([{
+        "id": id, "name": "old", "size": 64u64 << 20,
+        "resiliency": "simple", "logical_block_size": 512
+    }]);
+    cat["next_volume_id"] = serde_json::json!(id + 1);
+    std::fs::write(&path, serde_json::to_vec(&cat).expect("encode")).expect("write catalog");
+    std::fs::remove_file(data.join("meta.redb")).expect("remove the Raft store");
+    std::fs::remove_file(data.join("node-id")).expect("remove the node id");
+
+    node.restart();
+    let listed = node.ctl_ok(&["volume", "list"]);
+    assert!(listed.contains("old"), "carried volume missing: {listed}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&node.ctl_ok(&["--json", "volume", "show", "old"]))
+            .expect("volume show --json");
+    assert_eq!(shown["id"].as_u64(), Some(id), "the volume keeps its id");
+    harness::run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x3c 0 1M", &node.uri("old")],
+    );
+    node.create_volume("new", "64MiB");
+    let shown: serde_json::Value =
+        serde_json::from_str(&node.ctl_ok(&["--json", "volume", "show", "new"]))
+            .expect("volume show --json");
+    assert!(
+        shown["id"].as_u64() > Some(id),
+        "a new volume must not reuse a carried id: {shown}"
+    );
+    let cat: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read catalog"))
+            .expect("catalog is JSON");
+    assert_eq!(
+        cat["volumes"].as_array().map(Vec::len),
+        Some(0),
+        "catalog.json no longer lists volumes: {cat}"
+    );
+}
