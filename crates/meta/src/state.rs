@@ -289,7 +289,7 @@ pub struct Command {
     /// The change.
     #[prost(
         oneof = "Op",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19"
     )]
     pub op: Option<Op>,
 }
@@ -351,6 +351,27 @@ pub enum Op {
     /// Make a learner a voter (with the Raft promotion of the node).
     #[prost(message, tag = "18")]
     PromoteNode(PromoteNode),
+    /// Change the states of a slab's replicas and bump its epoch, fenced by
+    /// the epoch (a replica marked stale, resyncing, or current again).
+    #[prost(message, tag = "19")]
+    ChangeReplicas(ChangeReplicas),
+}
+
+/// Payload of [`Op::ChangeReplicas`].
+#[derive(Clone, PartialEq, Message)]
+pub struct ChangeReplicas {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub volume: String,
+    /// Slab number.
+    #[prost(uint64, tag = "2")]
+    pub slab: u64,
+    /// Must equal the slab's epoch; the slab moves to epoch + 1.
+    #[prost(uint64, tag = "3")]
+    pub epoch: u64,
+    /// The new state of every replica, in replica order.
+    #[prost(enumeration = "ReplicaState", repeated, tag = "4")]
+    pub states: Vec<i32>,
 }
 
 /// At most this many non-retired nodes form a cluster.
@@ -541,6 +562,10 @@ pub struct AttachVolume {
     /// Node that will serve it; must be up.
     #[prost(uint64, tag = "2")]
     pub node: u64,
+    /// Take the volume over from a holder that is down (or retired); every
+    /// slab's epoch is bumped so the old holder's writes are refused.
+    #[prost(bool, tag = "3")]
+    pub takeover: bool,
 }
 
 /// Payload of [`Op::DetachVolume`].
@@ -692,6 +717,7 @@ impl PoolState {
             Op::SetVolumeChap(c) => self.set_volume_chap(c),
             Op::RetireNode(c) => self.retire_node(c),
             Op::PromoteNode(c) => self.promote_node(c),
+            Op::ChangeReplicas(c) => self.change_replicas(c),
         }
     }
 
@@ -1088,18 +1114,39 @@ impl PoolState {
 
     fn attach_volume(&mut self, c: &AttachVolume) -> ApplyResult {
         let node = self.nodes.get(&c.node).ok_or(not_found("node", c.node))?;
-        if node.state != NodeState::Up as i32 {
-            return Err(invalid(format!("node {} is not up", c.node)));
+        if node.state != NodeState::Up as i32 && node.state != NodeState::Maintenance as i32 {
+            return Err(invalid(format!("node {} is not up", node.name)));
         }
+        let holder_gone = |n: u64| {
+            self.nodes.get(&n).is_none_or(|h| {
+                h.state == NodeState::Down as i32 || h.state == NodeState::Retired as i32
+            })
+        };
         let vol = self
             .volumes
-            .get_mut(&c.volume)
+            .get(&c.volume)
             .ok_or(not_found("volume", &c.volume))?;
-        if let Some(a) = &vol.attachment {
-            return Err(invalid(format!(
-                "volume {} is already attached to node {}",
-                c.volume, a.node
-            )));
+        let takeover = match &vol.attachment {
+            None => false,
+            Some(a) if c.takeover && holder_gone(a.node) => true,
+            Some(a) => {
+                let holder = self
+                    .nodes
+                    .get(&a.node)
+                    .map_or(String::new(), |n| n.name.clone());
+                return Err(invalid(format!(
+                    "volume {} is attached to node {holder}, which is up; detach it there first",
+                    c.volume
+                )));
+            }
+        };
+        let Some(vol) = self.volumes.get_mut(&c.volume) else {
+            return Err(not_found("volume", &c.volume));
+        };
+        if takeover {
+            for slab in vol.slabs.values_mut() {
+                slab.epoch += 1;
+            }
         }
         vol.last_generation += 1;
         vol.attachment = Some(Attachment {
@@ -1125,6 +1172,35 @@ impl PoolState {
             ))),
             None => Err(invalid(format!("volume {} is not attached", c.volume))),
         }
+    }
+
+    fn change_replicas(&mut self, c: &ChangeReplicas) -> ApplyResult {
+        let mut states = Vec::with_capacity(c.states.len());
+        for s in &c.states {
+            states.push(replica_state(*s)?);
+        }
+        let slab = self.slab_mut(&c.volume, c.slab)?;
+        if slab.epoch != c.epoch {
+            return Err(invalid(format!(
+                "stale epoch {} (slab is at {})",
+                c.epoch, slab.epoch
+            )));
+        }
+        if states.len() != slab.replicas.len() {
+            return Err(invalid(format!(
+                "{} replica states for a slab of {} replicas",
+                states.len(),
+                slab.replicas.len()
+            )));
+        }
+        if !states.contains(&ReplicaState::Current) {
+            return Err(invalid("a slab must keep at least one current replica"));
+        }
+        for (r, s) in slab.replicas.iter_mut().zip(states) {
+            r.state = s as i32;
+        }
+        slab.epoch += 1;
+        Ok(())
     }
 
     fn start_repair(&mut self, c: &RepairJob) -> ApplyResult {

@@ -138,6 +138,7 @@ fn attachment_allows_one_writer_and_generation_grows() {
         Command::new(Op::AttachVolume(AttachVolume {
             volume: "v".into(),
             node: n,
+            takeover: false,
         }))
     };
     let detach = |n| {
@@ -325,6 +326,83 @@ fn volumes_get_ids_shrink_frees_slabs_and_chap_changes() {
 }
 
 #[test]
+fn takeover_needs_a_down_holder_and_fences_it_with_new_epochs() {
+    let mut s = pool();
+    s.apply(&create("m", 2, Resiliency::TwoWayMirror))
+        .expect("create");
+    s.apply(&alloc("m", 0, vec![replica(1, 1, 0), replica(2, 2, 0)], 1))
+        .expect("allocate");
+    let attach = |node, takeover| {
+        Command::new(Op::AttachVolume(AttachVolume {
+            volume: "m".into(),
+            node,
+            takeover,
+        }))
+    };
+    s.apply(&attach(1, false)).expect("attach to node 1");
+    assert!(
+        s.apply(&attach(2, true)).is_err(),
+        "no takeover while the holder is up"
+    );
+    s.apply(&Command::new(Op::SetNodeState(SetNodeState {
+        node: 1,
+        state: NodeState::Down as i32,
+    })))
+    .expect("node 1 down");
+    assert!(
+        s.apply(&attach(2, false)).is_err(),
+        "a plain attach never steals the volume"
+    );
+    s.apply(&attach(2, true))
+        .expect("take over from a down holder");
+    let v = &s.volumes["m"];
+    assert_eq!(v.attachment.as_ref().map(|a| a.node), Some(2));
+    assert_eq!(
+        v.slabs[&0].epoch, 2,
+        "the takeover bumps every slab's epoch"
+    );
+}
+
+#[test]
+fn change_replicas_is_fenced_by_epoch_and_keeps_a_current_copy() {
+    let mut s = pool();
+    s.apply(&create("m", 1, Resiliency::ThreeWayMirror))
+        .expect("create");
+    s.apply(&alloc(
+        "m",
+        0,
+        vec![replica(1, 1, 0), replica(2, 2, 0), replica(3, 3, 0)],
+        1,
+    ))
+    .expect("allocate");
+    let change = |epoch, states: [ReplicaState; 3]| {
+        Command::new(Op::ChangeReplicas(ChangeReplicas {
+            volume: "m".into(),
+            slab: 0,
+            epoch,
+            states: states.iter().map(|s| *s as i32).collect(),
+        }))
+    };
+    use ReplicaState::*;
+    s.apply(&change(1, [Current, Current, Stale]))
+        .expect("mark replica 2 stale");
+    assert_eq!(s.volumes["m"].slabs[&0].epoch, 2, "epoch bumped");
+    let before = s.clone();
+    assert!(
+        s.apply(&change(1, [Current, Current, Current])).is_err(),
+        "an old epoch is refused"
+    );
+    assert!(
+        s.apply(&change(2, [Stale, Stale, Stale])).is_err(),
+        "no current copy left is refused"
+    );
+    assert_eq!(s, before, "refusals change nothing");
+    s.apply(&change(2, [Current, Current, Current]))
+        .expect("resynced");
+    assert_eq!(s.volumes["m"].slabs[&0].replicas[2].state, Current as i32);
+}
+
+#[test]
 fn init_cluster_only_once() {
     let mut s = pool();
     s.apply(&Command::new(Op::InitCluster(InitCluster {
@@ -442,7 +520,11 @@ fn arb_command() -> impl Strategy<Value = Command> {
             ))
         ),
         (name.clone(), 0u64..5).prop_map(|(volume, node)| Command::new(Op::AttachVolume(
-            AttachVolume { volume, node }
+            AttachVolume {
+                volume,
+                node,
+                takeover: node % 2 == 0
+            }
         ))),
         (name.clone(), 0u64..5).prop_map(|(volume, node)| Command::new(Op::DetachVolume(
             DetachVolume { volume, node }
@@ -472,6 +554,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
         ))),
         (0u64..5).prop_map(|node| Command::new(Op::RetireNode(RetireNode { node }))),
         (0u64..5).prop_map(|node| Command::new(Op::PromoteNode(PromoteNode { node }))),
+        (0u64..3, 0u64..4, proptest::collection::vec(0i32..4, 0..4)).prop_map(
+            |(slab, epoch, states)| Command::new(Op::ChangeReplicas(ChangeReplicas {
+                volume: "a".into(),
+                slab,
+                epoch,
+                states
+            }))
+        ),
     ]
 }
 
