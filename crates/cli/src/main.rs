@@ -2,7 +2,8 @@
 //!
 //! Talks gRPC to one storaged node (`--endpoint`). Prints human tables by
 //! default and JSON with `--json`. Every error is one line on stderr and
-//! exit status 1; success is exit status 0.
+//! exit status 1; success is exit status 0. `volume verify` also exits 1,
+//! after its report, when the copies differ or some could not be compared.
 
 mod cluster;
 mod pool;
@@ -41,7 +42,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create, list, inspect, resize and delete volumes.
+    /// Create, list, inspect, verify, resize and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
     /// The pool's nodes, disks and capacity.
@@ -85,6 +86,9 @@ enum VolumeCmd {
     },
     /// Delete a volume and release its space.
     Delete { name: String },
+    /// Compare the copies of every slab of a mirrored volume; exit status
+    /// 1 when they differ or some copy could not be compared.
+    Verify { name: String },
     /// Require iSCSI CHAP for a volume (one-way, or mutual with the target
     /// pair), or turn it off with --clear. Applies at the next login.
     SetChap {
@@ -219,7 +223,10 @@ fn explain(endpoint: &str, s: tonic::Status) -> anyhow::Error {
     }
 }
 
-async fn channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+/// A channel to `endpoint` whose calls end after [`TIMEOUT`], or, with
+/// `long_calls`, run as long as the node keeps answering HTTP/2 pings (a
+/// verify reads every copy of a volume and may take minutes).
+async fn channel(endpoint: &str, long_calls: bool) -> anyhow::Result<tonic::transport::Channel> {
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
     } else {
@@ -227,8 +234,14 @@ async fn channel(endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
     };
     let ep = tonic::transport::Endpoint::from_shared(uri)
         .with_context(|| format!("bad endpoint {endpoint:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(TIMEOUT);
+        .connect_timeout(Duration::from_secs(5));
+    let ep = if long_calls {
+        ep.http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(TIMEOUT)
+            .keep_alive_while_idle(true)
+    } else {
+        ep.timeout(TIMEOUT)
+    };
     ep.connect()
         .await
         .map_err(|e| anyhow!("cannot reach storaged at {endpoint}: {e}"))
@@ -250,7 +263,8 @@ fn print_as<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce(&T)) -> a
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let ch = channel(&cli.endpoint).await?;
+    let long_calls = matches!(cli.command, Command::Volume(VolumeCmd::Verify { .. }));
+    let ch = channel(&cli.endpoint, long_calls).await?;
     let ep = cli.endpoint.as_str();
     match cli.command {
         Command::Volume(cmd) => {
@@ -337,6 +351,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         print_json(&serde_json::json!({ "deleted": name }))?;
                     } else {
                         println!("deleted volume {name}");
+                    }
+                }
+                VolumeCmd::Verify { name } => {
+                    let r = c
+                        .verify_volume(VerifyVolumeRequest { name })
+                        .await
+                        .map_err(|s| explain(ep, s))?
+                        .into_inner();
+                    let verdict = volume::verify_verdict(&r);
+                    print_as(cli.json, &r, |_| print!("{}", verdict.report))?;
+                    // The report is on stdout; main prints this line on
+                    // stderr and exits 1.
+                    if let Some(f) = verdict.failure {
+                        return Err(anyhow!(f));
                     }
                 }
                 VolumeCmd::SetChap {
@@ -427,5 +455,16 @@ mod tests {
             Command::Node(NodeCmd::Retire { node }) if node == "3"
         ));
         assert!(Cli::try_parse_from(["s2dctl", "node", "drain"]).is_err());
+    }
+
+    #[test]
+    fn verify_parses() {
+        let c = parse(&["volume", "verify", "m1", "--json"]);
+        assert!(c.json);
+        assert!(matches!(
+            c.command,
+            Command::Volume(VolumeCmd::Verify { name }) if name == "m1"
+        ));
+        assert!(Cli::try_parse_from(["s2dctl", "volume", "verify"]).is_err());
     }
 }
