@@ -112,6 +112,9 @@ pub struct Node {
     /// Address of the node's iSCSI portal; empty: no iSCSI.
     #[prost(string, tag = "8")]
     pub iscsi_address: String,
+    /// Address of the node's replication listener.
+    #[prost(string, tag = "9")]
+    pub replication_address: String,
 }
 
 /// A disk of a node, carved into fixed-size extents.
@@ -289,7 +292,7 @@ pub struct Command {
     /// The change.
     #[prost(
         oneof = "Op",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20"
     )]
     pub op: Option<Op>,
 }
@@ -355,6 +358,29 @@ pub enum Op {
     /// the epoch (a replica marked stale, resyncing, or current again).
     #[prost(message, tag = "19")]
     ChangeReplicas(ChangeReplicas),
+    /// A node's addresses as it started this time.
+    #[prost(message, tag = "20")]
+    UpdateNode(UpdateNode),
+}
+
+/// Payload of [`Op::UpdateNode`].
+#[derive(Clone, PartialEq, Message)]
+pub struct UpdateNode {
+    /// Node id.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// gRPC address; unique among non-retired nodes.
+    #[prost(string, tag = "2")]
+    pub address: String,
+    /// NBD server.
+    #[prost(string, tag = "3")]
+    pub nbd_address: String,
+    /// iSCSI portal; empty: none.
+    #[prost(string, tag = "4")]
+    pub iscsi_address: String,
+    /// Replication listener.
+    #[prost(string, tag = "5")]
+    pub replication_address: String,
 }
 
 /// Payload of [`Op::ChangeReplicas`].
@@ -372,7 +398,19 @@ pub struct ChangeReplicas {
     /// The new state of every replica, in replica order.
     #[prost(enumeration = "ReplicaState", repeated, tag = "4")]
     pub states: Vec<i32>,
+    /// Empty, or per replica: where an unplaced replica (extent
+    /// [`UNPLACED`]) now lives (disk id; `UNPLACED` leaves it as it is).
+    #[prost(uint64, repeated, tag = "5")]
+    pub disks: Vec<u64>,
+    /// Empty, or per replica: the extent that goes with `disks`.
+    #[prost(uint64, repeated, tag = "6")]
+    pub extents: Vec<u64>,
 }
+
+/// The extent number of a replica that has no extent yet: a stale copy
+/// recorded on a node that was down when its slab was placed. It gets an
+/// extent when it is resynced.
+pub const UNPLACED: u64 = u64::MAX;
 
 /// At most this many non-retired nodes form a cluster.
 pub const MAX_NODES: usize = 16;
@@ -718,6 +756,7 @@ impl PoolState {
             Op::RetireNode(c) => self.retire_node(c),
             Op::PromoteNode(c) => self.promote_node(c),
             Op::ChangeReplicas(c) => self.change_replicas(c),
+            Op::UpdateNode(c) => self.update_node(c),
         }
     }
 
@@ -784,6 +823,7 @@ impl PoolState {
                 voter: c.voter,
                 nbd_address: c.nbd_address.clone(),
                 iscsi_address: c.iscsi_address.clone(),
+                replication_address: String::new(),
             },
         );
         Ok(())
@@ -1033,6 +1073,16 @@ impl PoolState {
             }
             seen_nodes.push(r.node);
             let node = self.nodes.get(&r.node).ok_or(not_found("node", r.node))?;
+            if r.extent == UNPLACED {
+                if r.state != ReplicaState::Stale as i32 || node.state == NodeState::Retired as i32
+                {
+                    return Err(invalid(format!(
+                        "only a stale copy on a non-retired node may be unplaced (node {})",
+                        r.node
+                    )));
+                }
+                continue;
+            }
             if node.state != NodeState::Up as i32 {
                 return Err(invalid(format!("node {} is not up", r.node)));
             }
@@ -1067,7 +1117,7 @@ impl PoolState {
         // All checks passed: free the old extents, take the new ones.
         let old_replicas = old.map(|s| s.replicas.clone()).unwrap_or_default();
         self.free_extents(&old_replicas);
-        for r in &c.replicas {
+        for r in c.replicas.iter().filter(|r| r.extent != UNPLACED) {
             if let Some(disk) = self.disks.get_mut(&r.disk)
                 && let Err(pos) = disk.allocated_extents.binary_search(&r.extent)
             {
@@ -1174,6 +1224,28 @@ impl PoolState {
         }
     }
 
+    fn update_node(&mut self, c: &UpdateNode) -> ApplyResult {
+        self.live_node(c.node)?;
+        if c.address.is_empty() {
+            return Err(invalid("node address is empty"));
+        }
+        if let Some(other) = self.nodes.values().find(|n| {
+            n.id != c.node && n.address == c.address && n.state != NodeState::Retired as i32
+        }) {
+            return Err(invalid(format!(
+                "address {} is node {}'s",
+                c.address, other.name
+            )));
+        }
+        if let Some(n) = self.nodes.get_mut(&c.node) {
+            n.address = c.address.clone();
+            n.nbd_address = c.nbd_address.clone();
+            n.iscsi_address = c.iscsi_address.clone();
+            n.replication_address = c.replication_address.clone();
+        }
+        Ok(())
+    }
+
     fn change_replicas(&mut self, c: &ChangeReplicas) -> ApplyResult {
         let mut states = Vec::with_capacity(c.states.len());
         for s in &c.states {
@@ -1195,6 +1267,58 @@ impl PoolState {
         }
         if !states.contains(&ReplicaState::Current) {
             return Err(invalid("a slab must keep at least one current replica"));
+        }
+        let placing = !c.disks.is_empty() || !c.extents.is_empty();
+        if placing && (c.disks.len() != states.len() || c.extents.len() != states.len()) {
+            return Err(invalid("disks and extents must name every replica"));
+        }
+        let replicas = slab.replicas.clone();
+        let mut placed = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let (disk_id, extent) = match (c.disks.get(i), c.extents.get(i)) {
+                (Some(d), Some(e)) if *e != UNPLACED => (*d, *e),
+                _ => {
+                    if r.extent == UNPLACED && states[i] != ReplicaState::Stale {
+                        return Err(invalid(format!(
+                            "replica {i} has no extent; it must be placed before it serves"
+                        )));
+                    }
+                    continue;
+                }
+            };
+            if r.extent != UNPLACED {
+                return Err(invalid(format!("replica {i} already has an extent")));
+            }
+            let es = self.extent_size()?;
+            let disk = self.disks.get(&disk_id).ok_or(not_found("disk", disk_id))?;
+            if disk.node != r.node || disk.state != DiskState::Online as i32 {
+                return Err(invalid(format!(
+                    "disk {disk_id} is not an online disk of node {}",
+                    r.node
+                )));
+            }
+            if extent >= disk.capacity_bytes / es
+                || disk.allocated_extents.binary_search(&extent).is_ok()
+            {
+                return Err(invalid(format!(
+                    "extent {extent} of disk {disk_id} is not free"
+                )));
+            }
+            placed.push((i, disk_id, extent));
+        }
+        for (_, d, e) in &placed {
+            if let Some(disk) = self.disks.get_mut(d)
+                && let Err(pos) = disk.allocated_extents.binary_search(e)
+            {
+                disk.allocated_extents.insert(pos, *e);
+            }
+        }
+        let slab = self.slab_mut(&c.volume, c.slab)?;
+        for (i, d, e) in placed {
+            if let Some(r) = slab.replicas.get_mut(i) {
+                r.disk = d;
+                r.extent = e;
+            }
         }
         for (r, s) in slab.replicas.iter_mut().zip(states) {
             r.state = s as i32;

@@ -381,6 +381,7 @@ fn change_replicas_is_fenced_by_epoch_and_keeps_a_current_copy() {
             slab: 0,
             epoch,
             states: states.iter().map(|s| *s as i32).collect(),
+            ..Default::default()
         }))
     };
     use ReplicaState::*;
@@ -400,6 +401,75 @@ fn change_replicas_is_fenced_by_epoch_and_keeps_a_current_copy() {
     s.apply(&change(2, [Current, Current, Current]))
         .expect("resynced");
     assert_eq!(s.volumes["m"].slabs[&0].replicas[2].state, Current as i32);
+}
+
+#[test]
+fn a_stale_copy_on_a_down_node_is_placed_when_it_is_resynced() {
+    let mut s = pool();
+    s.apply(&create("m", 1, Resiliency::ThreeWayMirror))
+        .expect("create");
+    s.apply(&Command::new(Op::SetNodeState(SetNodeState {
+        node: 3,
+        state: NodeState::Down as i32,
+    })))
+    .expect("node 3 down");
+    let mut unplaced = replica(3, 3, UNPLACED);
+    unplaced.state = ReplicaState::Stale as i32;
+    let mut current_unplaced = replica(3, 3, UNPLACED);
+    current_unplaced.state = ReplicaState::Current as i32;
+    assert!(
+        s.apply(&alloc(
+            "m",
+            0,
+            vec![replica(1, 1, 0), replica(2, 2, 0), current_unplaced],
+            1
+        ))
+        .is_err(),
+        "an unplaced copy cannot be current"
+    );
+    s.apply(&alloc(
+        "m",
+        0,
+        vec![replica(1, 1, 0), replica(2, 2, 0), unplaced],
+        1,
+    ))
+    .expect("degraded placement with a stale placeholder");
+    assert!(
+        s.disks[&3].allocated_extents.is_empty(),
+        "the placeholder takes no extent"
+    );
+    let place = |epoch, extent| {
+        Command::new(Op::ChangeReplicas(ChangeReplicas {
+            volume: "m".into(),
+            slab: 0,
+            epoch,
+            states: vec![
+                ReplicaState::Current as i32,
+                ReplicaState::Current as i32,
+                ReplicaState::Rebuilding as i32,
+            ],
+            disks: vec![UNPLACED, UNPLACED, 3],
+            extents: vec![UNPLACED, UNPLACED, extent],
+        }))
+    };
+    assert!(
+        s.apply(&Command::new(Op::ChangeReplicas(ChangeReplicas {
+            volume: "m".into(),
+            slab: 0,
+            epoch: 1,
+            states: vec![
+                ReplicaState::Current as i32,
+                ReplicaState::Current as i32,
+                ReplicaState::Rebuilding as i32,
+            ],
+            ..Default::default()
+        })))
+        .is_err(),
+        "an unplaced copy must get an extent before it resyncs"
+    );
+    s.apply(&place(1, 4)).expect("place the copy on extent 4");
+    assert_eq!(s.volumes["m"].slabs[&0].replicas[2].extent, 4);
+    assert_eq!(s.disks[&3].allocated_extents, vec![4]);
 }
 
 #[test]
@@ -559,7 +629,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 volume: "a".into(),
                 slab,
                 epoch,
-                states
+                states,
+                ..Default::default()
             }))
         ),
     ]

@@ -37,6 +37,7 @@ pub struct FileConfig {
     pub join: Option<String>,
     pub down_after: Option<String>,
     pub meta_snapshot_every: Option<u64>,
+    pub replication_listen: Option<String>,
 }
 
 /// The flags that can also come from the file.
@@ -56,6 +57,7 @@ pub struct FlagConfig {
     pub join: Option<String>,
     pub down_after: Option<String>,
     pub meta_snapshot_every: Option<u64>,
+    pub replication_listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +81,9 @@ pub struct Config {
     pub join: Option<SocketAddr>,
     pub down_after: Duration,
     pub meta_snapshot_every: u64,
+    /// Where other nodes send replica I/O (default: the --listen IP, a
+    /// port the system picks; the cluster learns it at every start).
+    pub replication_listen: SocketAddr,
 }
 
 /// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
@@ -187,6 +192,10 @@ impl Config {
         if meta_snapshot_every == 0 {
             bail!("--meta-snapshot-every must be at least 1");
         }
+        let replication_listen = match flags.replication_listen.or(file.replication_listen) {
+            Some(a) => parse_addr("--replication-listen", &a)?,
+            None => SocketAddr::new(listen.ip(), 0),
+        };
         Ok(Config {
             data_dir,
             listen,
@@ -201,6 +210,7 @@ impl Config {
             join,
             down_after,
             meta_snapshot_every,
+            replication_listen,
         })
     }
 }

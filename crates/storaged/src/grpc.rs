@@ -234,12 +234,73 @@ impl ControlService {
 
     fn api_volume(&self, view: &MetaView, v: &ms::Volume, st: &Statuses) -> Volume {
         let rec = manager::record_from_meta(v);
-        let home = view.state.nodes.get(&v.home_node);
-        let (alloc, reachable) = match st.get(&v.home_node) {
-            Some(Ok(s)) => (s.volumes.iter().find(|a| a.name == v.name).cloned(), true),
-            _ => (None, false),
+        let es = self.manager.store().extent_size();
+        let mirrored = v.home_node == 0;
+        let attached = v
+            .attachment
+            .as_ref()
+            .and_then(|a| view.state.nodes.get(&a.node));
+        // A mirrored volume is served by whichever node a client uses; its
+        // URIs name this node.
+        let home = if mirrored {
+            view.state.nodes.get(&view.this)
+        } else {
+            view.state.nodes.get(&v.home_node)
+        };
+        let (alloc, reachable) = if mirrored {
+            let n = v.slabs.len() as u64;
+            (
+                Some(VolumeAllocation {
+                    name: v.name.clone(),
+                    slabs_allocated: n,
+                    slabs_total: v.size_bytes.div_ceil(es),
+                    allocated_bytes: n * es,
+                    ..Default::default()
+                }),
+                true,
+            )
+        } else {
+            match st.get(&v.home_node) {
+                Some(Ok(s)) => (s.volumes.iter().find(|a| a.name == v.name).cloned(), true),
+                _ => (None, false),
+            }
         };
         let alloc = alloc.unwrap_or_default();
+        let resync = v
+            .attachment
+            .as_ref()
+            .and_then(|a| st.get(&a.node))
+            .and_then(|s| s.as_ref().ok())
+            .and_then(|s| s.volumes.iter().find(|a| a.name == v.name))
+            .map(|a| (a.resync_done_bytes, a.resync_total_bytes));
+        let node_name = |id: u64| {
+            view.state
+                .nodes
+                .get(&id)
+                .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
+        };
+        let slabs = v
+            .slabs
+            .iter()
+            .map(|(n, s)| SlabInfo {
+                slab: *n,
+                epoch: s.epoch,
+                replicas: s
+                    .replicas
+                    .iter()
+                    .map(|r| SlabReplica {
+                        node: node_name(r.node),
+                        state: match ms::ReplicaState::try_from(r.state) {
+                            Ok(ms::ReplicaState::Current) => "current",
+                            Ok(ms::ReplicaState::Stale) => "stale",
+                            Ok(ms::ReplicaState::Rebuilding) => "resyncing",
+                            Err(_) => "unknown",
+                        }
+                        .into(),
+                    })
+                    .collect(),
+            })
+            .collect();
         let iscsi_target = iscsi_target::target_iqn(&v.name);
         let iscsi_address = home.map_or("", |n| n.iscsi_address.as_str());
         Volume {
@@ -266,8 +327,16 @@ impl ControlService {
             } else {
                 v.size_bytes.div_ceil(self.manager.store().extent_size())
             },
-            node: home.map_or(String::new(), |n| n.name.clone()),
+            node: if mirrored {
+                attached.map_or(String::new(), |n| n.name.clone())
+            } else {
+                home.map_or(String::new(), |n| n.name.clone())
+            },
             node_reachable: reachable,
+            slabs,
+            attached_to: attached.map_or(String::new(), |n| n.name.clone()),
+            resync_done_bytes: resync.map_or(0, |r| r.0),
+            resync_total_bytes: resync.map_or(0, |r| r.1),
         }
     }
 
@@ -277,7 +346,8 @@ impl ControlService {
             .volumes
             .get(name)
             .ok_or_else(|| status(ManagerError::NotFound(name.into())))?;
-        let st = self.statuses(view, std::iter::once(v.home_node)).await;
+        let ask = [v.home_node, v.attachment.as_ref().map_or(0, |a| a.node)];
+        let st = self.statuses(view, ask.into_iter()).await;
         Ok(self.api_volume(view, v, &st))
     }
 
@@ -339,29 +409,84 @@ impl ControlService {
             "mirror-3" => 3,
             _ => return Ok(()),
         };
-        let mut domains: Vec<&Vec<String>> = view
-            .state
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Up as i32)
-            .map(|n| &n.fault_domain)
-            .collect();
-        domains.sort();
-        domains.dedup();
-        let why = if domains.len() < copies {
-            format!(
-                "with the current nodes: it needs {copies} up nodes in distinct fault domains, the cluster has {}",
-                domains.len()
-            )
-        } else {
-            "yet: mirrored volumes need the replicated data path, which this version does not have"
-                .to_string()
-        };
-        Err(status(ManagerError::Resiliency {
-            resiliency: r.into(),
-            why,
-        }))
+        match mirror_nodes(view, copies, view.this) {
+            Ok(_) => Ok(()),
+            Err(why) => Err(status(ManagerError::Resiliency {
+                resiliency: r.into(),
+                why: format!("with the current nodes: {why}"),
+            })),
+        }
     }
+}
+
+/// The nodes that get the copies of a new mirrored slab, `prefer` first
+/// when placement can, with their replication addresses: placement's
+/// choice from the metadata (node states, disk capacity, extents the
+/// metadata records as used).
+pub fn mirror_nodes(
+    view: &MetaView,
+    copies: usize,
+    prefer: u64,
+) -> Result<Vec<(u64, Option<std::net::SocketAddr>)>, String> {
+    use placement::{DiskId, DiskSpec, FaultDomain, NodeId, Topology};
+    let es = view
+        .state
+        .settings
+        .as_ref()
+        .map_or(0, |s| s.extent_size_bytes);
+    let mut topo = Topology::new(es).map_err(|e| e.to_string())?;
+    let mut known = Vec::new();
+    for n in view.state.nodes.values() {
+        if n.state != NodeState::Up as i32 || n.replication_address.is_empty() {
+            continue;
+        }
+        let path = if n.fault_domain.is_empty() {
+            n.name.clone()
+        } else {
+            n.fault_domain.join("/")
+        };
+        let Ok(domain) = FaultDomain::parse(&path) else {
+            continue;
+        };
+        if topo
+            .add_node(NodeId(n.id as u32), domain, placement::NodeState::Up)
+            .is_err()
+        {
+            continue;
+        }
+        known.push(n.id);
+        for d in view.state.disks.values().filter(|d| d.node == n.id) {
+            let total = d.capacity_bytes / es.max(1);
+            let spec = DiskSpec {
+                id: DiskId(u128::from(d.id)),
+                capacity_extents: total,
+                free_extents: total.saturating_sub(d.allocated_extents.len() as u64),
+                state: placement::DiskState::Healthy,
+            };
+            let _ = topo.add_disk(NodeId(n.id as u32), spec);
+        }
+    }
+    let r = placement::Resiliency::mirror(copies).map_err(|e| e.to_string())?;
+    let prefer = known.contains(&prefer).then_some(NodeId(prefer as u32));
+    let layout = placement::allocate_slab(&topo, r, prefer).map_err(|e| match e {
+        placement::PlacementError::NotEnoughFaultDomains { needed, available, .. } => format!(
+            "mirror-{copies} needs {needed} up nodes in distinct fault domains, the cluster has {available}"
+        ),
+        e => e.to_string(),
+    })?;
+    Ok(layout
+        .extents
+        .iter()
+        .map(|e| {
+            let id = u64::from(e.node.0);
+            let addr = view
+                .state
+                .nodes
+                .get(&id)
+                .and_then(|n| n.replication_address.parse().ok());
+            (id, addr)
+        })
+        .collect())
 }
 
 /// Placement's picture of `nodes` from what they said about their disks;
@@ -431,13 +556,17 @@ impl VolumeService for ControlService {
             return Err(status(ManagerError::NameTaken(r.name)));
         }
         self.check_resiliency(&view, resiliency)?;
-        let home = self.place_simple(&view).await?;
+        let (home, meta_resiliency) = match resiliency {
+            "mirror-2" => (0, MetaResiliency::TwoWayMirror),
+            "mirror-3" => (0, MetaResiliency::ThreeWayMirror),
+            _ => (self.place_simple(&view).await?, MetaResiliency::Simple),
+        };
         let view = self
             .meta
             .propose(Op::CreateVolume(MetaCreate {
                 name: r.name.clone(),
                 size_bytes: r.size_bytes,
-                resiliency: MetaResiliency::Simple as i32,
+                resiliency: meta_resiliency as i32,
                 home_node: home,
                 block_size,
                 chap: chap.as_ref().map(chap_to_meta),
@@ -447,6 +576,11 @@ impl VolumeService for ControlService {
         if home == view.this {
             self.sync_local(&view).await;
         }
+        let home = if home == 0 {
+            "any".to_string()
+        } else {
+            home.to_string()
+        };
         tracing::info!(volume = %r.name, size = r.size_bytes, resiliency, block_size, chap = chap.is_some(), home, "volume created");
         Ok(Response::new(self.show(&view, &r.name).await?))
     }
@@ -456,7 +590,12 @@ impl VolumeService for ControlService {
         _req: Request<ListVolumesRequest>,
     ) -> Result<Response<ListVolumesResponse>, Status> {
         let view = self.meta.read().await.map_err(meta_status)?;
-        let mut homes: Vec<u64> = view.state.volumes.values().map(|v| v.home_node).collect();
+        let mut homes: Vec<u64> = view
+            .state
+            .volumes
+            .values()
+            .flat_map(|v| [v.home_node, v.attachment.as_ref().map_or(0, |a| a.node)])
+            .collect();
         homes.sort_unstable();
         homes.dedup();
         let st = self.statuses(&view, homes.into_iter()).await;
@@ -526,6 +665,16 @@ impl VolumeService for ControlService {
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 
+    async fn verify_volume(
+        &self,
+        req: Request<VerifyVolumeRequest>,
+    ) -> Result<Response<VerifyVolumeResponse>, Status> {
+        let name = req.into_inner().name;
+        let r = self.verify(&name).await?;
+        tracing::info!(volume = %name, identical = r.identical, differences = r.differences.len(), "volume verified");
+        Ok(Response::new(r))
+    }
+
     async fn set_volume_chap(
         &self,
         req: Request<SetVolumeChapRequest>,
@@ -551,6 +700,133 @@ impl VolumeService for ControlService {
         self.sync_local(&view).await;
         tracing::info!(volume = %r.name, chap = mode, "volume CHAP changed");
         Ok(Response::new(self.show(&view, &r.name).await?))
+    }
+}
+
+/// Blocks compared per request while verifying.
+const VERIFY_CHUNK_BLOCKS: u64 = 256;
+
+impl ControlService {
+    /// Compares the current copies of every slab of a mirrored volume.
+    async fn verify(&self, name: &str) -> Result<VerifyVolumeResponse, Status> {
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let v = view
+            .state
+            .volumes
+            .get(name)
+            .ok_or_else(|| status(ManagerError::NotFound(name.into())))?;
+        if v.home_node != 0 {
+            return Err(Status::failed_precondition(format!(
+                "volume {name} is simple: it has one copy, nothing to compare"
+            )));
+        }
+        let c = self
+            .manager
+            .cluster()
+            .ok_or_else(|| Status::unavailable("this node's replication is not running yet"))?;
+        let es = self.manager.store().extent_size();
+        let bs = block_api::BLOCK_SIZE as u64;
+        let mut out = VerifyVolumeResponse {
+            name: name.into(),
+            identical: true,
+            ..Default::default()
+        };
+        for (slab, s) in &v.slabs {
+            out.slabs_checked += 1;
+            let mut reps = Vec::new();
+            for r in &s.replicas {
+                let who = view
+                    .state
+                    .nodes
+                    .get(&r.node)
+                    .map_or_else(|| format!("node-{}", r.node), |n| n.name.clone());
+                if r.state != ms::ReplicaState::Current as i32 {
+                    out.skipped
+                        .push(format!("slab {slab}: copy on {who} is not current"));
+                    continue;
+                }
+                let addr = view
+                    .state
+                    .nodes
+                    .get(&r.node)
+                    .and_then(|n| n.replication_address.parse::<std::net::SocketAddr>().ok());
+                reps.push((r.node, who, addr));
+            }
+            let mut diff_blocks = 0u64;
+            let mut first_diff = None;
+            let mut detail = String::new();
+            let mut block = 0u64;
+            'chunks: while block * bs < es {
+                let blocks = VERIFY_CHUNK_BLOCKS.min(es / bs - block);
+                let mut sums: Vec<(String, Vec<u64>)> = Vec::new();
+                for (node, who, addr) in &reps {
+                    let req = replication::Request::Checksums {
+                        volume: v.id,
+                        slab: *slab,
+                        epoch: s.epoch,
+                        offset: block * bs,
+                        blocks: blocks as u32,
+                    };
+                    let resp = if *node == view.this {
+                        Ok(c.local.serve(req).await)
+                    } else if let Some(a) = addr {
+                        c.transport
+                            .call(*a, req, crate::mirror::REPLICA_TIMEOUT)
+                            .await
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Err("no replication address".to_string())
+                    };
+                    match resp {
+                        Ok(replication::Response::Checksums(v)) => sums.push((who.clone(), v)),
+                        Ok(replication::Response::Error { message, .. }) => {
+                            out.skipped
+                                .push(format!("slab {slab}: copy on {who}: {message}"));
+                            out.identical = false;
+                            break 'chunks;
+                        }
+                        Ok(_) => {
+                            out.skipped
+                                .push(format!("slab {slab}: copy on {who}: unexpected reply"));
+                            out.identical = false;
+                            break 'chunks;
+                        }
+                        Err(e) => {
+                            out.skipped.push(format!("slab {slab}: copy on {who}: {e}"));
+                            out.identical = false;
+                            break 'chunks;
+                        }
+                    }
+                }
+                if let Some((first_who, first)) = sums.first() {
+                    for (i, want) in first.iter().enumerate() {
+                        let odd = sums.iter().skip(1).find(|(_, o)| {
+                            o.get(i)
+                                .is_none_or(|x| !crate::replica::same_content(*x, *want))
+                        });
+                        if let Some((who, _)) = odd {
+                            diff_blocks += 1;
+                            if first_diff.is_none() {
+                                first_diff = Some((block + i as u64) * bs);
+                                detail = format!("copies on {first_who} and {who} differ");
+                            }
+                        }
+                    }
+                }
+                out.blocks_checked += blocks;
+                block += blocks;
+            }
+            if let Some(offset) = first_diff {
+                out.identical = false;
+                out.differences.push(SlabDifference {
+                    slab: *slab,
+                    offset,
+                    blocks: diff_blocks,
+                    detail,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 

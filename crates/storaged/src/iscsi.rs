@@ -45,7 +45,10 @@ pub fn spawn(
 ) -> Result<JoinHandle<Result<(), IscsiError>>, IscsiError> {
     let config = target_config(&manager)?;
     Ok(tokio::spawn(iscsi_target::serve(
-        listener, manager, config, shutdown,
+        listener,
+        Arc::new(crate::manager::Provider(manager)),
+        config,
+        shutdown,
     )))
 }
 

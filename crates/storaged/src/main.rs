@@ -20,7 +20,10 @@ mod grpc;
 mod iscsi;
 mod manager;
 mod meta_service;
+mod mirror;
 mod peer;
+mod replica;
+mod resync;
 mod volume;
 
 use anyhow::{Context, bail};
@@ -87,6 +90,10 @@ struct Cli {
     /// Raft entries between metadata snapshots (log compaction).
     #[arg(long)]
     meta_snapshot_every: Option<u64>,
+    /// Address for replica I/O from other nodes (default: the --listen IP,
+    /// any free port).
+    #[arg(long)]
+    replication_listen: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         join: cli.join,
         down_after: cli.down_after,
         meta_snapshot_every: cli.meta_snapshot_every,
+        replication_listen: cli.replication_listen,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -269,12 +277,49 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     .await?;
     let store = Arc::new(store);
     let (meta, node_id) = start_meta(&cfg, &catalog, &store).await?;
+    let view = meta.view();
+    let (simple, copies) = sort_extents(&store, &view).await?;
     let mut local = catalog.clone();
-    local.volumes = manager::local_records(&meta.view().state, node_id);
-    let manager =
-        Arc::new(manager::Manager::open(cfg.data_dir.clone(), local, store.clone()).await?);
-    tokio::spawn(follow_metadata(meta.clone(), manager.clone()));
-    tokio::spawn(register_disks(meta.clone(), store.clone()));
+    local.volumes = manager::local_records(&view.state, node_id);
+    let live: Vec<u64> = view.state.volumes.values().map(|v| v.id).collect();
+    let manager = Arc::new(
+        manager::Manager::open(cfg.data_dir.clone(), local, store.clone(), simple, &live).await?,
+    );
+    let replicas = replica::ReplicaService::new(store.clone(), meta.clone(), copies);
+    let repl_listener = tokio::net::TcpListener::bind(cfg.replication_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--replication-listen)",
+                cfg.replication_listen
+            )
+        })?;
+    let repl_addr = repl_listener.local_addr()?;
+    let transport: Arc<dyn replication::Transport> = Arc::new(replication::TcpTransport::new(
+        replication::TcpConfig::default(),
+    ));
+    manager.set_cluster(Arc::new(mirror::MirrorCluster {
+        this: node_id,
+        meta: meta.clone(),
+        transport,
+        local: replicas.clone(),
+    }));
+    tokio::spawn(follow_metadata(
+        meta.clone(),
+        manager.clone(),
+        replicas.clone(),
+    ));
+    tokio::spawn(register_node(
+        meta.clone(),
+        store.clone(),
+        meta::state::UpdateNode {
+            node: node_id,
+            address: cfg.listen.to_string(),
+            nbd_address: cfg.nbd_listen.to_string(),
+            iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
+            replication_address: repl_addr.to_string(),
+        },
+    ));
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -329,14 +374,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 grpc_shutdown.cancelled_owned(),
             ),
     );
-    let provider: Arc<dyn block_api::VolumeProvider> = manager.clone();
+    let provider: Arc<dyn block_api::VolumeProvider> = Arc::new(manager::Provider(manager.clone()));
     let nbd_task = tokio::spawn(nbd_server::serve(nbd_listener, provider, shutdown.clone()));
+    let repl_task = tokio::spawn(replication::serve(
+        repl_listener,
+        Arc::new(replica::ReplicaHandler(replicas)),
+        shutdown.clone(),
+    ));
     tracing::info!(
         node = %cfg.name,
         id = node_id,
         listen = %cfg.listen,
         nbd = %cfg.nbd_listen,
         iscsi = ?iscsi_addr,
+        replication = %repl_addr,
         disks = cfg.disks.len(),
         engine = ?store.status().first().map(|d| d.engine),
         "storaged ready"
@@ -357,6 +408,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             Err(e) => tracing::error!(error = %e, "iSCSI target task failed"),
         }
     }
+    match repl_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "replication server ended with an error"),
+        Err(e) => tracing::error!(error = %e, "replication server task failed"),
+    }
     match grpc_task.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "gRPC server ended with an error"),
@@ -370,9 +426,41 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 const NODE_ID_FILE: &str = "node-id";
 const META_STORE: &str = "meta.redb";
 
-/// Disk ids in the cluster metadata: the node id, then the disk's index.
-fn meta_disk_id(node: u64, index: usize) -> u64 {
-    (node << 16) | index as u64
+use replica::meta_disk_id;
+
+/// Extents with their owner records.
+type OwnedExtents = Vec<(extent_store::ExtentOwner, extent_store::ExtentAddr)>;
+
+/// Sorts the extents on this node's disks: those of its simple volumes,
+/// and copies of mirrored slabs (or of volumes it has not heard of yet).
+/// Extents of volumes the metadata says were deleted are released.
+async fn sort_extents(
+    store: &Store,
+    view: &meta_service::MetaView,
+) -> anyhow::Result<(OwnedExtents, OwnedExtents)> {
+    let by_id: std::collections::HashMap<u64, &meta::state::Volume> =
+        view.state.volumes.values().map(|v| (v.id, v)).collect();
+    let (mut simple, mut copies) = (Vec::new(), Vec::new());
+    for (owner, addr) in store.owned_extents() {
+        match by_id.get(&owner.volume_id) {
+            Some(v) if v.home_node == view.this => simple.push((owner, addr)),
+            Some(v) if v.home_node == 0 => copies.push((owner, addr)),
+            Some(v) => tracing::warn!(
+                volume = %v.name,
+                "an extent of a volume served by another node; kept"
+            ),
+            None if owner.volume_id < view.state.next_volume_id => {
+                tracing::info!(
+                    volume = owner.volume_id,
+                    "releasing an extent of a deleted volume"
+                );
+                store.release(addr).await?;
+            }
+            // A volume this node has not heard of yet: keep it.
+            None => copies.push((owner, addr)),
+        }
+    }
+    Ok((simple, copies))
 }
 
 /// The metadata of a new one-node cluster: this node, its disks, and the
@@ -398,6 +486,8 @@ fn bootstrap_state(cfg: &Config, catalog: &Catalog, store: &Store) -> meta::stat
             voter: true,
             nbd_address: cfg.nbd_listen.to_string(),
             iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
+            // Recorded by `register_node` once the listener is bound.
+            replication_address: String::new(),
         },
     );
     for (i, d) in store.status().iter().enumerate() {
@@ -537,8 +627,12 @@ fn write_durably(dir: &std::path::Path, name: &str, data: &[u8]) -> anyhow::Resu
     Ok(())
 }
 
-/// Keeps this node's volumes in step with the cluster metadata.
-async fn follow_metadata(meta: meta_service::MetaHandle, manager: Arc<manager::Manager>) {
+/// Keeps this node's volumes and copies in step with the cluster metadata.
+async fn follow_metadata(
+    meta: meta_service::MetaHandle,
+    manager: Arc<manager::Manager>,
+    replicas: Arc<replica::ReplicaService>,
+) {
     let mut rx = meta.subscribe();
     let mut applied = 0;
     loop {
@@ -548,20 +642,46 @@ async fn follow_metadata(meta: meta_service::MetaHandle, manager: Arc<manager::M
             manager
                 .sync(manager::local_records(&view.state, view.this))
                 .await;
+            manager.sync_mirrors(&view.state).await;
+            replicas.collect_garbage(&view).await;
         }
-        if rx.changed().await.is_err() {
+        manager.drive_resyncs(&view);
+        // Also look again now and then: a resync that stopped is retried.
+        if let Ok(Err(_)) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), rx.changed()).await
+        {
             return;
         }
     }
 }
 
-/// Records this node's disks in the cluster metadata once the node is in
-/// it (a joined node learns of itself from the leader).
-async fn register_disks(meta: meta_service::MetaHandle, store: Arc<Store>) {
+/// Records this node's disks and its addresses of this start in the
+/// cluster metadata once the node is in it (a joined node learns of itself
+/// from the leader).
+async fn register_node(
+    meta: meta_service::MetaHandle,
+    store: Arc<Store>,
+    addresses: meta::state::UpdateNode,
+) {
     let disks = store.status();
     loop {
         let view = meta.view();
-        if view.state.nodes.contains_key(&view.this) {
+        if let Some(me) = view.state.nodes.get(&view.this) {
+            let stale = me.address != addresses.address
+                || me.nbd_address != addresses.nbd_address
+                || me.iscsi_address != addresses.iscsi_address
+                || me.replication_address != addresses.replication_address;
+            if stale {
+                match meta
+                    .propose(meta::state::Op::UpdateNode(addresses.clone()))
+                    .await
+                {
+                    Ok(_) => tracing::info!("node addresses recorded in the cluster"),
+                    Err(e) => tracing::debug!(error = %e, "recording addresses failed; retrying"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
             let missing: Vec<_> = disks
                 .iter()
                 .enumerate()

@@ -15,13 +15,17 @@
 //!   the node has replayed its own Raft log; so is a reservation file whose
 //!   volume is gone.
 use crate::catalog::{Catalog, CatalogError, ChapCredentialRecord, ChapRecord, VolumeRecord};
+use crate::mirror::{MirrorCluster, MirrorVolume};
 use crate::volume::Volume;
 use arc_swap::ArcSwap;
-use block_api::{BLOCK_SIZE, BlockError, BlockVolume, VolumeProvider, VolumeSummary};
-use extent_store::{ExtentAddr, Store, StoreError};
+use block_api::{
+    AlignedBuf, BLOCK_SIZE, BlockError, BlockRun, BlockVolume, VolumeProvider, VolumeSummary,
+};
+use extent_store::{ExtentAddr, ExtentOwner, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Weak;
 use tokio::sync::Mutex;
 
 /// Longest volume name (it is also an NBD export name and part of an IQN).
@@ -83,7 +87,16 @@ pub struct Manager {
     /// login looks up CHAP and block size here). Replaced after each save.
     published: ArcSwap<Catalog>,
     volumes: std::sync::Mutex<BTreeMap<String, Arc<Volume>>>,
+    /// Set once the node's mirror machinery runs (after start-up).
+    cluster: std::sync::OnceLock<Arc<MirrorCluster>>,
+    /// Mirrored volumes this node coordinates now, by name; an entry whose
+    /// handles are all dropped is detached after a grace period.
+    mirrors: std::sync::Mutex<HashMap<String, Weak<Attached>>>,
+    resyncs: Arc<crate::resync::Running>,
 }
+
+/// How long a mirrored volume stays attached after its last client left.
+const DETACH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub fn validate_name(name: &str) -> Result<(), ManagerError> {
     let bad = |why| {
@@ -182,15 +195,20 @@ pub fn validate_resiliency(r: &str) -> Result<(), ManagerError> {
 impl Manager {
     /// Build the manager from the catalog and the store's extent tables,
     /// releasing extents no volume owns any more.
+    /// `extents`: the extents on this node's disks that belong to its
+    /// simple volumes (the caller sorts out mirror copies and orphans);
+    /// `live`: ids of every volume in the metadata.
     pub async fn open(
         data_dir: PathBuf,
         catalog: Catalog,
         store: Arc<Store>,
+        extents: Vec<(ExtentOwner, ExtentAddr)>,
+        live: &[u64],
     ) -> Result<Manager, ManagerError> {
         let es = store.extent_size();
         let mut by_volume: HashMap<u64, Vec<(u64, ExtentAddr)>> = HashMap::new();
         let mut orphans = Vec::new();
-        for (owner, addr) in store.owned_extents() {
+        for (owner, addr) in extents {
             match catalog.volumes.iter().find(|v| v.id == owner.volume_id) {
                 Some(v) if owner.slab < v.size.div_ceil(es) => {
                     by_volume.entry(v.id).or_default().push((owner.slab, addr))
@@ -202,8 +220,7 @@ impl Manager {
             tracing::info!(?a, "releasing an extent left by a deleted or shrunk volume");
             store.release(a).await?;
         }
-        let live: Vec<u64> = catalog.volumes.iter().map(|v| v.id).collect();
-        crate::iscsi::prune_reservations(&data_dir, &live);
+        crate::iscsi::prune_reservations(&data_dir, live);
         let mut volumes = BTreeMap::new();
         for v in &catalog.volumes {
             let extents = by_volume.remove(&v.id).unwrap_or_default();
@@ -218,7 +235,229 @@ impl Manager {
             published: ArcSwap::from_pointee(catalog.clone()),
             catalog: Mutex::new(catalog),
             volumes: std::sync::Mutex::new(volumes),
+            cluster: std::sync::OnceLock::new(),
+            mirrors: std::sync::Mutex::new(HashMap::new()),
+            resyncs: Arc::default(),
         })
+    }
+
+    /// The node's mirror machinery, once it runs.
+    pub fn cluster(&self) -> Option<Arc<MirrorCluster>> {
+        self.cluster.get().cloned()
+    }
+
+    /// Hands the manager the node's mirror machinery.
+    pub fn set_cluster(&self, c: Arc<MirrorCluster>) {
+        if self.cluster.set(c).is_err() {
+            tracing::error!("mirror machinery set twice; keeping the first");
+        }
+    }
+
+    fn attached(&self, name: &str) -> Option<Arc<Attached>> {
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .and_then(Weak::upgrade)
+    }
+
+    /// Serves a mirrored volume from this node: records the attachment in
+    /// the metadata (taking it over from a holder that is down), then
+    /// starts the volume's coordinator here.
+    async fn open_mirror(self: &Arc<Self>, name: &str) -> Result<Arc<dyn BlockVolume>, BlockError> {
+        Ok(self.attach(name).await?)
+    }
+
+    async fn attach(self: &Arc<Self>, name: &str) -> Result<Arc<Attached>, BlockError> {
+        if let Some(a) = self.attached(name) {
+            return Ok(a);
+        }
+        let c = self
+            .cluster
+            .get()
+            .ok_or_else(|| BlockError::NotFound(name.to_string()))?
+            .clone();
+        let io = |e: crate::meta_service::MetaError| BlockError::Io(e.to_string());
+        let view = c.meta.read().await.map_err(io)?;
+        let v = view
+            .state
+            .volumes
+            .get(name)
+            .filter(|v| v.home_node == 0)
+            .ok_or_else(|| BlockError::NotFound(name.to_string()))?;
+        let attach = |takeover| {
+            meta::state::Op::AttachVolume(meta::state::AttachVolume {
+                volume: name.to_string(),
+                node: c.this,
+                takeover,
+            })
+        };
+        match &v.attachment {
+            Some(a) if a.node == c.this => {}
+            Some(a) => {
+                let holder = view.state.nodes.get(&a.node);
+                let gone = holder.is_none_or(|h| {
+                    h.state == meta::state::NodeState::Down as i32
+                        || h.state == meta::state::NodeState::Retired as i32
+                });
+                if !gone {
+                    return Err(BlockError::Io(format!(
+                        "volume {name} is served by node {}, which is up; disconnect its clients there first",
+                        holder.map_or(String::new(), |h| h.name.clone())
+                    )));
+                }
+                tracing::warn!(
+                    volume = name,
+                    holder = a.node,
+                    "taking over a volume from a node that is down"
+                );
+                c.meta.propose(attach(true)).await.map_err(io)?;
+            }
+            None => {
+                c.meta.propose(attach(false)).await.map_err(io)?;
+            }
+        }
+        let view = c.meta.view();
+        let v = view
+            .state
+            .volumes
+            .get(name)
+            .ok_or_else(|| BlockError::NotFound(name.to_string()))?;
+        let copies = match meta::state::Resiliency::try_from(v.resiliency) {
+            Ok(r) => r.copies(),
+            Err(_) => return Err(BlockError::Io(format!("volume {name}: unknown resiliency"))),
+        };
+        let mv = Arc::new(MirrorVolume::new(c.clone(), name.to_string(), v.id, copies));
+        let vol = Volume::start_mirror(
+            name.to_string(),
+            v.id,
+            v.size_bytes,
+            self.store.clone(),
+            mv.clone(),
+            v.slabs.keys().copied(),
+        );
+        let a = Arc::new(Attached {
+            vol,
+            mirror: mv,
+            progress: Arc::default(),
+            manager: Arc::downgrade(self),
+            node: c.this,
+        });
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::downgrade(&a));
+        tracing::info!(volume = name, "serving a mirrored volume from this node");
+        Ok(a)
+    }
+
+    /// Starts a resync of every mirrored volume that needs one and that
+    /// this node should run: the volumes it serves, and unattached ones for
+    /// which it is the lowest-numbered up node holding a current copy (it
+    /// attaches them for the time of the resync).
+    pub fn drive_resyncs(self: &Arc<Self>, view: &Arc<crate::meta_service::MetaView>) {
+        use meta::state::{NodeState, ReplicaState};
+        let Some(c) = self.cluster.get() else { return };
+        for v in view.state.volumes.values().filter(|v| v.home_node == 0) {
+            let slabs = crate::resync::slabs_to_resync(view, &v.name);
+            let Some(first) = slabs.first().and_then(|n| v.slabs.get(n)) else {
+                continue;
+            };
+            let mine = match &v.attachment {
+                Some(a) => a.node == c.this,
+                None => {
+                    first
+                        .replicas
+                        .iter()
+                        .filter(|r| r.state == ReplicaState::Current as i32)
+                        .filter(|r| {
+                            view.state
+                                .nodes
+                                .get(&r.node)
+                                .is_some_and(|n| n.state == NodeState::Up as i32)
+                        })
+                        .map(|r| r.node)
+                        .min()
+                        == Some(c.this)
+                }
+            };
+            if !mine {
+                continue;
+            }
+            let Some(guard) = self.resyncs.start(&v.name) else {
+                continue;
+            };
+            let m = self.clone();
+            let name = v.name.clone();
+            let meta = c.meta.clone();
+            tokio::spawn(async move {
+                let _running = guard;
+                let a = match m.attach(&name).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(volume = %name, error = %e, "resync not started");
+                        return;
+                    }
+                };
+                let view = meta.view();
+                match crate::resync::resync_volume(&a.vol, &a.mirror, &a.progress, &view).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(volume = %name, slabs = n, "resync complete"),
+                    Err(e) => {
+                        tracing::warn!(volume = %name, error = %e, "resync stopped; it starts over later")
+                    }
+                }
+            });
+        }
+    }
+
+    /// Releases the attachment of `name` if no client has it open.
+    async fn detach_if_idle(&self, name: &str, node: u64) {
+        tokio::time::sleep(DETACH_GRACE).await;
+        if self.attached(name).is_some() {
+            return;
+        }
+        let Some(c) = self.cluster.get() else { return };
+        let op = meta::state::Op::DetachVolume(meta::state::DetachVolume {
+            volume: name.to_string(),
+            node,
+        });
+        match c.meta.propose(op).await {
+            Ok(_) => tracing::info!(volume = name, "mirrored volume detached"),
+            Err(e) => tracing::debug!(volume = name, error = %e, "detach not recorded"),
+        }
+    }
+
+    /// Applies size changes and deletions to the mirrored volumes this
+    /// node coordinates.
+    pub async fn sync_mirrors(&self, state: &meta::state::PoolState) {
+        let open: Vec<(String, Arc<Attached>)> = self
+            .mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(n, w)| w.upgrade().map(|a| (n.clone(), a)))
+            .collect();
+        for (name, a) in open {
+            match state.volumes.get(&name) {
+                Some(v) if v.id == a.vol.id() => {
+                    if v.size_bytes != a.vol.size()
+                        && let Err(e) = a.vol.resize(v.size_bytes).await
+                    {
+                        tracing::error!(volume = %name, error = %e, "resizing failed");
+                    }
+                }
+                _ => {
+                    if let Err(e) = a.vol.delete().await {
+                        tracing::debug!(volume = %name, error = %e, "closing a deleted volume");
+                    }
+                    self.mirrors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&name);
+                }
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -232,7 +471,15 @@ impl Manager {
     /// The catalog record of `name` as last saved, without waiting for a
     /// metadata change in progress.
     pub fn record(&self, name: &str) -> Option<VolumeRecord> {
-        self.published.load().find(name).cloned()
+        self.published.load().find(name).cloned().or_else(|| {
+            let c = self.cluster.get()?;
+            let view = c.meta.view();
+            view.state
+                .volumes
+                .get(name)
+                .filter(|v| v.home_node == 0)
+                .map(record_from_meta)
+        })
     }
 
     fn volume(&self, name: &str) -> Result<Arc<Volume>, ManagerError> {
@@ -329,7 +576,7 @@ impl Manager {
             .iter()
             .map(|v| v.name.clone())
             .collect();
-        names
+        let mut out: Vec<s2d_proto::v1::VolumeAllocation> = names
             .iter()
             .filter_map(|n| self.show(n).ok())
             .map(|i| s2d_proto::v1::VolumeAllocation {
@@ -337,8 +584,26 @@ impl Manager {
                 slabs_allocated: i.slabs_allocated,
                 slabs_total: i.slabs_total,
                 allocated_bytes: i.allocated_bytes,
+                ..Default::default()
             })
-            .collect()
+            .collect();
+        let mirrors: Vec<Arc<Attached>> = self
+            .mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for a in mirrors {
+            let (done, total) = a.progress.get();
+            out.push(s2d_proto::v1::VolumeAllocation {
+                name: a.vol.name().to_string(),
+                resync_done_bytes: done,
+                resync_total_bytes: total,
+                ..Default::default()
+            });
+        }
+        out
     }
 }
 
@@ -395,26 +660,101 @@ pub fn local_records(state: &meta::state::PoolState, node: u64) -> Vec<VolumeRec
         .collect()
 }
 
+/// A client's handle on a mirrored volume this node coordinates; when the
+/// last one is dropped, the attachment is released after a grace period.
+pub struct Attached {
+    vol: Arc<Volume>,
+    mirror: Arc<MirrorVolume>,
+    progress: Arc<crate::resync::Progress>,
+    manager: Weak<Manager>,
+    node: u64,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let (Some(m), Ok(rt)) = (
+            self.manager.upgrade(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let name = self.vol.name().to_string();
+        let node = self.node;
+        rt.spawn(async move { m.detach_if_idle(&name, node).await });
+    }
+}
+
 #[async_trait::async_trait]
-impl VolumeProvider for Manager {
+impl BlockVolume for Attached {
+    fn name(&self) -> &str {
+        self.vol.name()
+    }
+    fn size(&self) -> u64 {
+        self.vol.size()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, BlockError> {
+        self.vol.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
+        self.vol.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.vol.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.vol.trim(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        self.vol.write_zeroes(offset, len, may_unmap, fua).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<BlockRun>, BlockError> {
+        self.vol.block_status(offset, len).await
+    }
+}
+
+/// The front ends' way to the volumes: this node's simple volumes, and
+/// every mirrored volume (served from here once a client opens it).
+pub struct Provider(pub Arc<Manager>);
+
+#[async_trait::async_trait]
+impl VolumeProvider for Provider {
     async fn list(&self) -> Vec<VolumeSummary> {
-        let vols = self
-            .volumes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        vols.values()
+        let m = &self.0;
+        let vols = m.volumes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out: Vec<VolumeSummary> = vols
+            .values()
             .map(|v| VolumeSummary {
                 name: v.name().to_string(),
                 size: v.size(),
             })
-            .collect()
+            .collect();
+        if let Some(c) = m.cluster.get() {
+            out.extend(
+                c.meta
+                    .view()
+                    .state
+                    .volumes
+                    .values()
+                    .filter(|v| v.home_node == 0)
+                    .map(|v| VolumeSummary {
+                        name: v.name.clone(),
+                        size: v.size_bytes,
+                    }),
+            );
+        }
+        out
     }
 
     async fn open(&self, name: &str) -> Result<Arc<dyn BlockVolume>, BlockError> {
-        match self.volume(name) {
+        match self.0.volume(name) {
             Ok(v) => Ok(v),
-            Err(_) => Err(BlockError::NotFound(name.to_string())),
+            Err(_) => self.0.open_mirror(name).await,
         }
     }
 }

@@ -1,7 +1,8 @@
-//! The volume layer for volumes stored on this node (`simple` resiliency):
-//! maps volume byte ranges to slabs and slabs to extents, allocates extents
-//! on first write (thin provisioning), and turns unaligned client requests
-//! into block-aligned extent I/O by read-modify-write.
+//! The volume layer: maps volume byte ranges to slabs, allocates slabs on
+//! first write (thin provisioning), and turns unaligned client requests
+//! into block-aligned slab I/O by read-modify-write. A slab is either an
+//! extent on this node (`simple` volumes) or a mirrored slab whose copies
+//! live on several nodes (`crate::mirror`).
 //!
 //! Ownership: each volume has one coordinator task that owns the slab map
 //! and is the only code that changes it (allocation, resize, delete). It
@@ -19,6 +20,7 @@
 //! - `flush` syncs every disk the volume ever wrote to, so a flush on one
 //!   connection covers writes acknowledged on all connections.
 
+use crate::mirror::MirrorVolume;
 use arc_swap::ArcSwap;
 use block_api::{AlignedBuf, BLOCK_SIZE, BlockError, BlockRun, BlockVolume};
 use extent_store::{CsumEntry, ExtentAddr, ExtentOwner, Store, StoreError};
@@ -37,11 +39,20 @@ const STATUS_BLOCKS_MAX: u64 = 16 * 1024;
 /// Disks a node may have: the touched-disk set is one u64.
 pub const DISKS_MAX: usize = 64;
 
+/// Where a slab's data is.
+#[derive(Debug, Clone, Copy)]
+pub enum SlabRef {
+    /// An extent on this node.
+    Local(ExtentAddr),
+    /// Copies on the nodes the metadata names (`crate::mirror`).
+    Mirror,
+}
+
 /// What the I/O paths see of a volume: replaced whole on every change.
 #[derive(Debug, Clone)]
 pub struct VolumeState {
     pub size: u64,
-    pub slabs: Vec<Option<ExtentAddr>>,
+    pub slabs: Vec<Option<SlabRef>>,
     pub deleted: bool,
 }
 
@@ -54,7 +65,7 @@ impl VolumeState {
 enum CoordMsg {
     Allocate {
         slab: u64,
-        reply: oneshot::Sender<Result<ExtentAddr, BlockError>>,
+        reply: oneshot::Sender<Result<SlabRef, BlockError>>,
     },
     Resize {
         size: u64,
@@ -67,6 +78,7 @@ enum CoordMsg {
 
 pub struct Volume {
     name: String,
+    id: u64,
     extent_size: u64,
     store: Arc<Store>,
     state: Arc<ArcSwap<VolumeState>>,
@@ -74,6 +86,7 @@ pub struct Volume {
     coord: mpsc::Sender<CoordMsg>,
     touched: AtomicU64,
     rmw: Vec<tokio::sync::Mutex<()>>,
+    mirror: Option<Arc<MirrorVolume>>,
 }
 
 fn slab_count(size: u64, extent_size: u64) -> usize {
@@ -114,10 +127,43 @@ impl Volume {
         let mut slabs = vec![None; slab_count(size, extent_size)];
         for (slab, addr) in extents {
             if let Some(s) = slabs.get_mut(slab as usize) {
-                *s = Some(addr);
+                *s = Some(SlabRef::Local(addr));
             }
         }
-        let touched = slabs.iter().flatten().fold(0u64, |m, a| m | 1 << a.disk);
+        Self::start_with(name, id, size, store, slabs, None)
+    }
+
+    /// Start a mirrored volume; `allocated` are the slabs the metadata has.
+    pub fn start_mirror(
+        name: String,
+        id: u64,
+        size: u64,
+        store: Arc<Store>,
+        mirror: Arc<MirrorVolume>,
+        allocated: impl IntoIterator<Item = u64>,
+    ) -> Arc<Volume> {
+        let mut slabs = vec![None; slab_count(size, store.extent_size())];
+        for slab in allocated {
+            if let Some(s) = slabs.get_mut(slab as usize) {
+                *s = Some(SlabRef::Mirror);
+            }
+        }
+        Self::start_with(name, id, size, store, slabs, Some(mirror))
+    }
+
+    fn start_with(
+        name: String,
+        id: u64,
+        size: u64,
+        store: Arc<Store>,
+        slabs: Vec<Option<SlabRef>>,
+        mirror: Option<Arc<MirrorVolume>>,
+    ) -> Arc<Volume> {
+        let extent_size = store.extent_size();
+        let touched = slabs.iter().flatten().fold(0u64, |m, s| match s {
+            SlabRef::Local(a) => m | 1 << a.disk,
+            SlabRef::Mirror => m,
+        });
         let state = Arc::new(ArcSwap::from_pointee(VolumeState {
             size,
             slabs,
@@ -129,10 +175,12 @@ impl Volume {
             name.clone(),
             store.clone(),
             state.clone(),
+            mirror.clone(),
             rx,
         ));
         Arc::new(Volume {
             name,
+            id,
             extent_size,
             store,
             state,
@@ -142,7 +190,24 @@ impl Volume {
             rmw: (0..RMW_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            mirror,
         })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits until no I/O of the volume is in flight and holds new I/O off
+    /// while the guard lives (a resync copies a chunk under it).
+    pub async fn pause_io(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
+    }
+
+    fn mirror(&self) -> Result<&MirrorVolume, BlockError> {
+        self.mirror
+            .as_deref()
+            .ok_or_else(|| BlockError::Io(format!("volume {} has no mirror", self.name)))
     }
 
     pub fn state(&self) -> Arc<VolumeState> {
@@ -216,11 +281,7 @@ impl Volume {
         out
     }
 
-    async fn extent_for_write(
-        &self,
-        st: &VolumeState,
-        slab: u64,
-    ) -> Result<ExtentAddr, BlockError> {
+    async fn extent_for_write(&self, st: &VolumeState, slab: u64) -> Result<SlabRef, BlockError> {
         if let Some(Some(a)) = st.slabs.get(slab as usize) {
             return Ok(*a);
         }
@@ -229,8 +290,41 @@ impl Volume {
             .unwrap_or_else(|| Err(BlockError::Gone(self.name.clone())))
     }
 
-    fn touch(&self, addr: ExtentAddr) {
-        self.touched.fetch_or(1 << addr.disk, Ordering::Relaxed);
+    fn touch(&self, slab: SlabRef) {
+        if let SlabRef::Local(addr) = slab {
+            self.touched.fetch_or(1 << addr.disk, Ordering::Relaxed);
+        }
+    }
+
+    async fn read_slab(
+        &self,
+        r: SlabRef,
+        slab: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<AlignedBuf, BlockError> {
+        match r {
+            SlabRef::Local(a) => self.store.read(a, off, len).await.map_err(store_err),
+            SlabRef::Mirror => self.mirror()?.read(slab, off, len).await,
+        }
+    }
+
+    async fn write_slab(
+        &self,
+        r: SlabRef,
+        slab: u64,
+        off: u64,
+        data: AlignedBuf,
+    ) -> Result<(), BlockError> {
+        self.touch(r);
+        match r {
+            SlabRef::Local(a) => self
+                .store
+                .write(a, off, data, false)
+                .await
+                .map_err(store_err),
+            SlabRef::Mirror => self.mirror()?.write(slab, off, data, false).await,
+        }
     }
 
     fn touched_disks(&self) -> impl Iterator<Item = u16> {
@@ -239,6 +333,9 @@ impl Volume {
     }
 
     async fn sync(&self) -> Result<(), BlockError> {
+        if let Some(m) = &self.mirror {
+            return m.flush().await;
+        }
         self.store
             .sync_disks(self.touched_disks())
             .await
@@ -255,20 +352,20 @@ impl Volume {
         let pieces = self.pieces(offset, len);
         if let [p] = pieces[..] {
             return match st.slabs[p.slab as usize] {
-                Some(a) => self.store.read(a, p.off, p.len).await.map_err(store_err),
+                Some(r) => self.read_slab(r, p.slab, p.off, p.len).await,
                 None => Ok(AlignedBuf::zeroed(len as usize)),
             };
         }
         let reads = pieces.iter().map(|p| async move {
             match st.slabs[p.slab as usize] {
-                Some(a) => self.store.read(a, p.off, p.len).await.map(Some),
+                Some(r) => self.read_slab(r, p.slab, p.off, p.len).await.map(Some),
                 None => Ok(None),
             }
         });
         let results = futures::future::join_all(reads).await;
         let mut out = AlignedBuf::zeroed(len as usize);
         for (p, r) in pieces.iter().zip(results) {
-            if let Some(buf) = r.map_err(store_err)? {
+            if let Some(buf) = r? {
                 out[p.at as usize..(p.at + p.len) as usize].copy_from_slice(&buf);
             }
         }
@@ -286,21 +383,13 @@ impl Volume {
         let pieces = self.pieces(offset, data.len() as u64);
         if let [p] = pieces[..] {
             let a = self.extent_for_write(st, p.slab).await?;
-            self.touch(a);
-            self.store
-                .write(a, p.off, data, false)
-                .await
-                .map_err(store_err)?;
+            self.write_slab(a, p.slab, p.off, data).await?;
         } else {
             let writes = pieces.iter().map(|p| {
                 let buf = AlignedBuf::from_slice(&data[p.at as usize..(p.at + p.len) as usize]);
                 async move {
                     let a = self.extent_for_write(st, p.slab).await?;
-                    self.touch(a);
-                    self.store
-                        .write(a, p.off, buf, false)
-                        .await
-                        .map_err(store_err)
+                    self.write_slab(a, p.slab, p.off, buf).await
                 }
             });
             for r in futures::future::join_all(writes).await {
@@ -380,14 +469,21 @@ impl Volume {
                 .await?;
         }
         for p in self.pieces(w0, w1 - w0) {
-            let addr = match (st.slabs[p.slab as usize], state) {
+            let r = match (st.slabs[p.slab as usize], state) {
                 (Some(a), _) => a,
                 // A hole in an unallocated slab is already there.
                 (None, CsumEntry::Hole) => continue,
                 (None, _) => self.extent_for_write(st, p.slab).await?,
             };
-            self.touch(addr);
-            self.store.set_blocks(addr, p.off, p.len, state);
+            self.touch(r);
+            match r {
+                SlabRef::Local(addr) => self.store.set_blocks(addr, p.off, p.len, state),
+                SlabRef::Mirror => {
+                    self.mirror()?
+                        .set_blocks(p.slab, p.off, p.len, state)
+                        .await?
+                }
+            }
         }
         if fua { self.sync().await } else { Ok(()) }
     }
@@ -495,12 +591,21 @@ impl BlockVolume for Volume {
                     push(slab_end - pos, true, true);
                     pos = slab_end;
                 }
-                Some(addr) => {
+                Some(r) => {
                     let off = pos % self.extent_size;
                     let base = pos / BS * BS;
                     let blocks =
                         ((slab_end - base).div_ceil(BS)).min(STATUS_BLOCKS_MAX - inspected);
-                    let states = self.store.block_states(addr, off / BS * BS, blocks * BS);
+                    let states = match r {
+                        SlabRef::Local(addr) => {
+                            self.store.block_states(addr, off / BS * BS, blocks * BS)
+                        }
+                        SlabRef::Mirror => {
+                            self.mirror()?
+                                .block_states(slab, off / BS * BS, blocks)
+                                .await?
+                        }
+                    };
                     inspected += states.len() as u64;
                     for (i, s) in states.iter().enumerate() {
                         let b_start = (base + i as u64 * BS).max(pos);
@@ -529,6 +634,7 @@ async fn coordinator(
     name: String,
     store: Arc<Store>,
     state: Arc<ArcSwap<VolumeState>>,
+    mirror: Option<Arc<MirrorVolume>>,
     mut rx: mpsc::Receiver<CoordMsg>,
 ) {
     let extent_size = store.extent_size();
@@ -544,6 +650,20 @@ async fn coordinator(
                         size: cur.size,
                     }),
                     Some(Some(a)) => Ok(*a),
+                    Some(None) if mirror.is_some() => {
+                        let m = mirror.as_deref();
+                        match m.map(|m| m.allocate(slab)) {
+                            Some(f) => match f.await {
+                                Ok(()) => {
+                                    cur.slabs[slab as usize] = Some(SlabRef::Mirror);
+                                    state.store(Arc::new(cur.clone()));
+                                    Ok(SlabRef::Mirror)
+                                }
+                                Err(e) => Err(e),
+                            },
+                            None => Err(BlockError::Gone(name.clone())),
+                        }
+                    }
                     Some(None) => {
                         let owner = ExtentOwner {
                             volume_id: id,
@@ -553,9 +673,9 @@ async fn coordinator(
                         };
                         match store.allocate(owner).await {
                             Ok(a) => {
-                                cur.slabs[slab as usize] = Some(a);
+                                cur.slabs[slab as usize] = Some(SlabRef::Local(a));
                                 state.store(Arc::new(cur.clone()));
-                                Ok(a)
+                                Ok(SlabRef::Local(a))
                             }
                             Err(StoreError::Full { .. }) => Err(BlockError::NoSpace {
                                 volume: name.clone(),
@@ -575,8 +695,13 @@ async fn coordinator(
                 cur.deleted = true;
                 state.store(Arc::new(cur.clone()));
                 let mut r = Ok(());
-                for a in cur.slabs.iter().flatten() {
-                    if let Err(e) = store.release(*a).await {
+                // Copies of mirrored slabs are released by the nodes that
+                // hold them, when they see the volume gone.
+                for a in cur.slabs.iter().flatten().filter_map(|s| match s {
+                    SlabRef::Local(a) => Some(*a),
+                    SlabRef::Mirror => None,
+                }) {
+                    if let Err(e) = store.release(a).await {
                         tracing::error!(volume = %name, error = %e, "could not release an extent; it is released at the next start");
                         r = Err(e);
                     }
@@ -595,14 +720,16 @@ async fn resize(store: &Store, cur: &mut VolumeState, size: u64) -> Result<(), S
         // Blocks past the new end in the last kept slab must read as zeros
         // if the volume grows again.
         if !size.is_multiple_of(extent_size)
-            && let Some(Some(a)) = cur.slabs.get(n - 1)
+            && let Some(Some(SlabRef::Local(a))) = cur.slabs.get(n - 1)
         {
             let off = size % extent_size;
             store.set_blocks(*a, off, extent_size - off, CsumEntry::Hole);
         }
         cur.size = size;
-        for a in cur.slabs.drain(n..).flatten() {
-            store.release(a).await?;
+        for s in cur.slabs.drain(n..).flatten() {
+            if let SlabRef::Local(a) = s {
+                store.release(a).await?;
+            }
         }
     } else {
         cur.size = size;

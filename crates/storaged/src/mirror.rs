@@ -1,0 +1,967 @@
+//! The coordinator side of a mirrored volume's slab I/O: every write goes
+//! to all current replicas in parallel (the local one directly, the others
+//! over the replication transport), reads go to one current copy.
+//!
+//! The replica set and epoch of a slab are read from the applied metadata
+//! at each request, so a change committed through Raft (a replica marked
+//! stale, a resync finished, a takeover) applies to the next request.
+//!
+//! Invariants:
+//! - A write is acknowledged only when every current replica acknowledged
+//!   it, or when the replicas that failed have been marked stale through
+//!   Raft (epoch + 1) and at least the write quorum of current replicas
+//!   (2 of 3, 1 of 2) acknowledged it. Otherwise it fails with an I/O
+//!   error.
+//! - A replica that answers `StaleEpoch` means this node's view is old: the
+//!   request is retried at the newer epoch, never counted as a failure.
+//! - A flush reaches every node holding a current replica; a node that does
+//!   not confirm it has its replicas marked stale before the flush is
+//!   acknowledged.
+//! - A read that finds a bad checksum is answered from another current
+//!   copy, and the good data is written over the bad copy.
+
+use crate::meta_service::{MetaError, MetaHandle, MetaView};
+use crate::replica::ReplicaService;
+use block_api::{AlignedBuf, BlockError};
+use extent_store::CsumEntry;
+use meta::state::{AllocateSlab, ChangeReplicas, NodeState, Op, Replica, ReplicaState, UNPLACED};
+use replication::{ErrorCode, Request, Response, Transport};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a replica may take to answer one request.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(3);
+/// Retries of a request whose epoch turned out old.
+const EPOCH_RETRIES: usize = 5;
+
+/// What every mirrored volume on this node shares.
+pub struct MirrorCluster {
+    pub this: u64,
+    pub meta: MetaHandle,
+    pub transport: Arc<dyn Transport>,
+    pub local: Arc<ReplicaService>,
+}
+
+/// One replica as a request sees it.
+#[derive(Clone, Debug)]
+struct Rep {
+    index: usize,
+    node: u64,
+    address: Option<SocketAddr>,
+    state: ReplicaState,
+    /// No extent yet (see `meta::state::UNPLACED`).
+    unplaced: bool,
+}
+
+/// A slab as a request sees it.
+#[derive(Clone, Debug)]
+struct SlabView {
+    epoch: u64,
+    reps: Vec<Rep>,
+}
+
+impl SlabView {
+    fn current(&self) -> impl Iterator<Item = &Rep> {
+        self.reps
+            .iter()
+            .filter(|r| r.state == ReplicaState::Current)
+    }
+}
+
+/// The slab I/O of one mirrored volume.
+pub struct MirrorVolume {
+    cluster: Arc<MirrorCluster>,
+    name: String,
+    id: u64,
+    copies: usize,
+}
+
+fn io(msg: impl Into<String>) -> BlockError {
+    BlockError::Io(msg.into())
+}
+
+/// What a replica did with one request.
+enum Outcome {
+    Done(Response),
+    Stale,
+    /// The copy's data failed its checksum.
+    BadData(String),
+    Failed(String),
+}
+
+impl MirrorVolume {
+    pub fn new(cluster: Arc<MirrorCluster>, name: String, id: u64, copies: usize) -> MirrorVolume {
+        MirrorVolume {
+            cluster,
+            name,
+            id,
+            copies,
+        }
+    }
+
+    /// Replicas that must acknowledge a write when others failed.
+    fn write_quorum(&self) -> usize {
+        self.copies.div_ceil(2).max(1)
+    }
+
+    fn slab_view(&self, view: &MetaView, slab: u64) -> Option<SlabView> {
+        let v = view.state.volumes.get(&self.name)?;
+        if v.id != self.id {
+            return None;
+        }
+        let s = v.slabs.get(&slab)?;
+        Some(SlabView {
+            epoch: s.epoch,
+            reps: s
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(index, r)| Rep {
+                    index,
+                    node: r.node,
+                    address: view
+                        .state
+                        .nodes
+                        .get(&r.node)
+                        .and_then(|n| n.replication_address.parse().ok()),
+                    state: ReplicaState::try_from(r.state).unwrap_or(ReplicaState::Stale),
+                    unplaced: r.extent == UNPLACED,
+                })
+                .collect(),
+        })
+    }
+
+    /// Bytes per slab.
+    pub fn extent_size(&self) -> u64 {
+        self.cluster.local.extent_size()
+    }
+
+    /// Step 1 of a resync (see `crate::resync`): the stale copies on up
+    /// nodes become resyncing. Returns their replica indices, or `None`
+    /// when there is nothing to resync.
+    pub async fn begin_resync(&self, slab: u64) -> Result<Option<Vec<usize>>, BlockError> {
+        for _ in 0..EPOCH_RETRIES {
+            let view = self.cluster.meta.view();
+            let Some(s) = self.slab_view(&view, slab) else {
+                return Ok(None);
+            };
+            let up = |node: u64| {
+                view.state
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.state == meta::state::NodeState::Up as i32)
+            };
+            let targets: Vec<usize> = s
+                .reps
+                .iter()
+                .filter(|r| r.state != ReplicaState::Current && up(r.node))
+                .map(|r| r.index)
+                .collect();
+            if targets.is_empty() || s.current().next().is_none() {
+                return Ok(None);
+            }
+            let mut disks = vec![UNPLACED; s.reps.len()];
+            let mut extents = vec![UNPLACED; s.reps.len()];
+            for &t in &targets {
+                let req = Request::Allocate {
+                    volume: self.id,
+                    slab,
+                    epoch: s.epoch,
+                };
+                let r = &s.reps[t];
+                match self.call(r, req).await {
+                    Outcome::Done(Response::Allocated { disk, extent }) => {
+                        if r.unplaced {
+                            disks[t] = crate::replica::meta_disk_id(r.node, disk as usize);
+                            extents[t] = extent;
+                        }
+                    }
+                    Outcome::Stale => break,
+                    Outcome::Done(_) => return Err(io("unexpected reply to Allocate")),
+                    Outcome::Failed(m) | Outcome::BadData(m) => {
+                        return Err(io(format!("resync target: {m}")));
+                    }
+                }
+            }
+            let placing = extents.iter().any(|e| *e != UNPLACED);
+            let (disks, extents) = if placing {
+                (disks, extents)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let states = s
+                .reps
+                .iter()
+                .map(|r| {
+                    if targets.contains(&r.index) {
+                        ReplicaState::Rebuilding as i32
+                    } else {
+                        r.state as i32
+                    }
+                })
+                .collect();
+            match self
+                .change_placing(slab, s.epoch, states, disks, extents)
+                .await
+            {
+                Ok(true) => return Ok(Some(targets)),
+                Ok(false) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io(format!(
+            "slab {slab} of {} kept changing epoch",
+            self.name
+        )))
+    }
+
+    /// Step 2 of a resync: copies `[offset, offset + len)` of the slab from
+    /// a current copy to the resyncing ones. The caller pauses the
+    /// volume's I/O around it.
+    pub async fn copy_range(
+        &self,
+        slab: u64,
+        offset: u64,
+        len: u64,
+        targets: &[usize],
+    ) -> Result<(), BlockError> {
+        let bs = block_api::BLOCK_SIZE as u64;
+        let view = self.cluster.meta.view();
+        let s = self
+            .slab_view(&view, slab)
+            .ok_or_else(|| io(format!("slab {slab} vanished during resync")))?;
+        let dst: Vec<&Rep> = targets
+            .iter()
+            .filter_map(|t| s.reps.get(*t))
+            .filter(|r| r.state == ReplicaState::Rebuilding)
+            .collect();
+        if dst.is_empty() {
+            return Err(io(format!("slab {slab}: the resyncing copies went stale")));
+        }
+        let order = self.read_order(&s);
+        let src = order
+            .first()
+            .ok_or_else(|| io(format!("slab {slab}: no current copy to resync from")))?;
+        let sums = match self
+            .call(
+                src,
+                Request::Checksums {
+                    volume: self.id,
+                    slab,
+                    epoch: s.epoch,
+                    offset,
+                    blocks: (len / bs) as u32,
+                },
+            )
+            .await
+        {
+            Outcome::Done(Response::Checksums(v)) => v,
+            Outcome::Failed(m) | Outcome::BadData(m) => {
+                return Err(io(format!("resync source: {m}")));
+            }
+            _ => return Err(io("resync source: unexpected reply")),
+        };
+        let kind = |c: u64| c.min(2);
+        let mut i = 0;
+        while i < sums.len() {
+            let k = kind(sums[i]);
+            let mut j = i + 1;
+            while j < sums.len() && kind(sums[j]) == k {
+                j += 1;
+            }
+            let (at, n) = (offset + i as u64 * bs, (j - i) as u64 * bs);
+            let data = if k == 2 {
+                match self
+                    .call(
+                        src,
+                        Request::Read {
+                            volume: self.id,
+                            slab,
+                            epoch: s.epoch,
+                            offset: at,
+                            len: n as u32,
+                        },
+                    )
+                    .await
+                {
+                    Outcome::Done(Response::Data(b)) => Some(b),
+                    Outcome::Failed(m) | Outcome::BadData(m) => {
+                        return Err(io(format!("resync source: {m}")));
+                    }
+                    _ => return Err(io("resync source: unexpected reply")),
+                }
+            } else {
+                None
+            };
+            for d in &dst {
+                let req = match (&data, k) {
+                    (Some(b), _) => Request::Write {
+                        volume: self.id,
+                        slab,
+                        epoch: s.epoch,
+                        offset: at,
+                        data: AlignedBuf::from_slice(b),
+                        fua: false,
+                    },
+                    (None, 0) => Request::Trim {
+                        volume: self.id,
+                        slab,
+                        epoch: s.epoch,
+                        offset: at,
+                        len: n,
+                    },
+                    (None, _) => Request::WriteZeroes {
+                        volume: self.id,
+                        slab,
+                        epoch: s.epoch,
+                        offset: at,
+                        len: n,
+                    },
+                };
+                match self.call(d, req).await {
+                    Outcome::Done(_) => {}
+                    Outcome::Stale => return Err(io("resync: the slab changed epoch")),
+                    Outcome::Failed(m) | Outcome::BadData(m) => {
+                        return Err(io(format!("resync target: {m}")));
+                    }
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Step 3 of a resync: the copies, made durable, become current.
+    pub async fn finish_resync(&self, slab: u64, targets: &[usize]) -> Result<(), BlockError> {
+        for _ in 0..EPOCH_RETRIES {
+            let view = self.cluster.meta.view();
+            let s = self
+                .slab_view(&view, slab)
+                .ok_or_else(|| io(format!("slab {slab} vanished during resync")))?;
+            let done: Vec<&Rep> = targets
+                .iter()
+                .filter_map(|t| s.reps.get(*t))
+                .filter(|r| r.state == ReplicaState::Rebuilding)
+                .collect();
+            if done.is_empty() {
+                return Err(io(format!("slab {slab}: the resyncing copies went stale")));
+            }
+            for r in &done {
+                match self.call(r, Request::Flush).await {
+                    Outcome::Done(_) => {}
+                    Outcome::Stale => return Err(io("resync: the slab changed epoch")),
+                    Outcome::Failed(m) | Outcome::BadData(m) => {
+                        return Err(io(format!("resync target: {m}")));
+                    }
+                }
+            }
+            let states = s
+                .reps
+                .iter()
+                .map(|r| {
+                    if done.iter().any(|d| d.index == r.index) {
+                        ReplicaState::Current as i32
+                    } else {
+                        r.state as i32
+                    }
+                })
+                .collect();
+            match self.change(slab, s.epoch, states).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io(format!(
+            "slab {slab} of {} kept changing epoch",
+            self.name
+        )))
+    }
+
+    /// Proposes new replica states at `epoch`: true when committed, false
+    /// when the slab changed meanwhile.
+    async fn change(&self, slab: u64, epoch: u64, states: Vec<i32>) -> Result<bool, BlockError> {
+        self.change_placing(slab, epoch, states, Vec::new(), Vec::new())
+            .await
+    }
+
+    async fn change_placing(
+        &self,
+        slab: u64,
+        epoch: u64,
+        states: Vec<i32>,
+        disks: Vec<u64>,
+        extents: Vec<u64>,
+    ) -> Result<bool, BlockError> {
+        match self
+            .cluster
+            .meta
+            .propose(Op::ChangeReplicas(ChangeReplicas {
+                volume: self.name.clone(),
+                slab,
+                epoch,
+                states,
+                disks,
+                extents,
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(MetaError::Rejected(_)) => Ok(false),
+            Err(e) => Err(Self::meta_err(e)),
+        }
+    }
+
+    /// Whether the metadata has this slab.
+    pub fn allocated(&self, slab: u64) -> bool {
+        self.slab_view(&self.cluster.meta.view(), slab).is_some()
+    }
+
+    async fn call(&self, rep: &Rep, req: Request) -> Outcome {
+        let resp = if rep.node == self.cluster.this {
+            self.cluster.local.serve(req).await
+        } else {
+            let Some(addr) = rep.address else {
+                return Outcome::Failed(format!("node {} has no replication address", rep.node));
+            };
+            match self
+                .cluster
+                .transport
+                .call(addr, req, REPLICA_TIMEOUT)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return Outcome::Failed(format!("node {}: {e}", rep.node)),
+            }
+        };
+        match resp {
+            Response::Error {
+                code: ErrorCode::StaleEpoch { .. },
+                ..
+            } => Outcome::Stale,
+            Response::Error {
+                code: ErrorCode::Checksum,
+                message,
+            } => Outcome::BadData(format!("node {}: {message}", rep.node)),
+            Response::Error { message, .. } => {
+                Outcome::Failed(format!("node {}: {message}", rep.node))
+            }
+            r => Outcome::Done(r),
+        }
+    }
+
+    fn meta_err(e: MetaError) -> BlockError {
+        io(format!("cannot record a replica failure: {e}"))
+    }
+
+    /// Places a new slab: placement picks the nodes (this one first when it
+    /// can), each allocates an extent, Raft records them. With nodes down,
+    /// the slab is placed on fewer nodes (at least the write quorum) and the
+    /// missing copies are recorded stale and unplaced on other nodes, to be
+    /// filled by a resync when those nodes are back.
+    pub async fn allocate(&self, slab: u64) -> Result<(), BlockError> {
+        let view = self
+            .cluster
+            .meta
+            .read()
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        if self.slab_view(&view, slab).is_some() {
+            return Ok(());
+        }
+        let mut want = self.copies;
+        let nodes = loop {
+            match crate::grpc::mirror_nodes(&view, want, self.cluster.this) {
+                Ok(n) => break n,
+                Err(_) if want > self.write_quorum() => want -= 1,
+                Err(e) => {
+                    return Err(io(format!(
+                        "cannot place slab {slab} of {}: {e}",
+                        self.name
+                    )));
+                }
+            }
+        };
+        let asks = nodes.iter().enumerate().map(|(index, (node, address))| {
+            let rep = Rep {
+                index,
+                node: *node,
+                address: *address,
+                state: ReplicaState::Current,
+                unplaced: false,
+            };
+            async move {
+                let req = Request::Allocate {
+                    volume: self.id,
+                    slab,
+                    epoch: 1,
+                };
+                (rep.node, self.call(&rep, req).await)
+            }
+        });
+        let mut replicas = Vec::with_capacity(self.copies);
+        let mut unplaced = Vec::new();
+        let mut full = false;
+        for (node, outcome) in futures::future::join_all(asks).await {
+            match outcome {
+                Outcome::Done(Response::Allocated { disk, extent }) => replicas.push(Replica {
+                    node,
+                    disk: crate::replica::meta_disk_id(node, disk as usize),
+                    extent,
+                    state: ReplicaState::Current as i32,
+                }),
+                Outcome::Failed(m) | Outcome::BadData(m) => {
+                    full |= m.contains("full");
+                    tracing::warn!(volume = %self.name, slab, node, error = %m, "copy not placed; recorded stale");
+                    unplaced.push(node);
+                }
+                _ => unplaced.push(node),
+            }
+        }
+        if replicas.len() < self.write_quorum() {
+            return Err(if full {
+                BlockError::NoSpace {
+                    volume: self.name.clone(),
+                }
+            } else {
+                io(format!(
+                    "cannot place slab {slab} of {}: only {} of {} copies could be allocated",
+                    self.name,
+                    replicas.len(),
+                    self.copies
+                ))
+            });
+        }
+        // The missing copies: stale placeholders on nodes that have none.
+        let others: Vec<u64> = view
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.state != NodeState::Retired as i32)
+            .map(|n| n.id)
+            .filter(|id| !nodes.iter().any(|(n, _)| n == id))
+            .collect();
+        for node in unplaced.into_iter().chain(others) {
+            if replicas.len() >= self.copies {
+                break;
+            }
+            replicas.push(Replica {
+                node,
+                disk: 0,
+                extent: UNPLACED,
+                state: ReplicaState::Stale as i32,
+            });
+        }
+        let r = self
+            .cluster
+            .meta
+            .propose(Op::AllocateSlab(AllocateSlab {
+                volume: self.name.clone(),
+                slab,
+                replicas,
+                epoch: 1,
+            }))
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            // Another request placed it first: use that.
+            Err(_) if self.allocated(slab) => Ok(()),
+            Err(e) => Err(io(format!("cannot record slab {slab}: {e}"))),
+        }
+    }
+
+    /// Sends `make(epoch)` to every current (and resyncing) replica and
+    /// applies the write rule of the module doc.
+    async fn fan_out(&self, slab: u64, make: impl Fn(u64) -> Request) -> Result<(), BlockError> {
+        for _ in 0..EPOCH_RETRIES {
+            let view = self.cluster.meta.view();
+            let s = self
+                .slab_view(&view, slab)
+                .ok_or_else(|| io(format!("slab {slab} of {} is not allocated", self.name)))?;
+            let targets: Vec<&Rep> = s
+                .reps
+                .iter()
+                .filter(|r| r.state != ReplicaState::Stale)
+                .collect();
+            let outcomes =
+                futures::future::join_all(targets.iter().map(|r| self.call(r, make(s.epoch))))
+                    .await;
+            if outcomes.iter().any(|o| matches!(o, Outcome::Stale)) {
+                self.newer_than(s.epoch, slab).await;
+                continue;
+            }
+            let mut acked_current = 0;
+            let mut failed = Vec::new();
+            for (r, o) in targets.iter().zip(&outcomes) {
+                match o {
+                    Outcome::Done(_) if r.state == ReplicaState::Current => acked_current += 1,
+                    Outcome::Done(_) => {}
+                    Outcome::Failed(m) | Outcome::BadData(m) => failed.push((r.index, m.clone())),
+                    Outcome::Stale => {}
+                }
+            }
+            if failed.is_empty() {
+                return Ok(());
+            }
+            if acked_current < self.write_quorum() {
+                return Err(io(format!(
+                    "write quorum lost on slab {slab} of {}: {acked_current} of {} replicas acknowledged ({})",
+                    self.name,
+                    self.copies,
+                    failed
+                        .iter()
+                        .map(|f| f.1.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+            let states = s
+                .reps
+                .iter()
+                .map(|r| {
+                    if failed.iter().any(|f| f.0 == r.index) {
+                        ReplicaState::Stale as i32
+                    } else {
+                        r.state as i32
+                    }
+                })
+                .collect();
+            tracing::warn!(volume = %self.name, slab, failed = ?failed, "marking replicas stale");
+            match self
+                .cluster
+                .meta
+                .propose(Op::ChangeReplicas(ChangeReplicas {
+                    volume: self.name.clone(),
+                    slab,
+                    epoch: s.epoch,
+                    states,
+                    ..Default::default()
+                }))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(MetaError::Rejected(_)) => {
+                    // The slab changed meanwhile: fine if the failed
+                    // replicas are stale now, else decide again.
+                    let view = self.cluster.meta.view();
+                    if let Some(now) = self.slab_view(&view, slab)
+                        && failed.iter().all(|f| {
+                            now.reps
+                                .get(f.0)
+                                .is_none_or(|r| r.state == ReplicaState::Stale)
+                        })
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(Self::meta_err(e)),
+            }
+        }
+        Err(io(format!(
+            "slab {slab} of {} kept changing epoch; giving up",
+            self.name
+        )))
+    }
+
+    /// Waits (briefly) until the applied metadata has a newer epoch for
+    /// the slab than `epoch`.
+    async fn newer_than(&self, epoch: u64, slab: u64) {
+        let mut rx = self.cluster.meta.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            rx.wait_for(|v| self.slab_view(v, slab).is_some_and(|s| s.epoch > epoch)),
+        )
+        .await;
+    }
+
+    pub async fn write(
+        &self,
+        slab: u64,
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        for (i, part) in data.chunks(replication::WRITE_DATA_MAX).enumerate() {
+            let at = offset + (i * replication::WRITE_DATA_MAX) as u64;
+            self.fan_out(slab, |epoch| Request::Write {
+                volume: self.id,
+                slab,
+                epoch,
+                offset: at,
+                data: AlignedBuf::from_slice(part),
+                fua,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn set_blocks(
+        &self,
+        slab: u64,
+        offset: u64,
+        len: u64,
+        state: CsumEntry,
+    ) -> Result<(), BlockError> {
+        self.fan_out(slab, |epoch| match state {
+            CsumEntry::Hole => Request::Trim {
+                volume: self.id,
+                slab,
+                epoch,
+                offset,
+                len,
+            },
+            _ => Request::WriteZeroes {
+                volume: self.id,
+                slab,
+                epoch,
+                offset,
+                len,
+            },
+        })
+        .await
+    }
+
+    /// Current replicas, this node's first.
+    fn read_order(&self, s: &SlabView) -> Vec<Rep> {
+        let mut reps: Vec<Rep> = s.current().cloned().collect();
+        reps.sort_by_key(|r| r.node != self.cluster.this);
+        reps
+    }
+
+    pub async fn read(&self, slab: u64, offset: u64, len: u64) -> Result<AlignedBuf, BlockError> {
+        let max = u64::from(replication::READ_LEN_MAX);
+        if len <= max {
+            return self.read_part(slab, offset, len).await;
+        }
+        let mut out = AlignedBuf::zeroed(len as usize);
+        let mut at = 0;
+        while at < len {
+            let n = max.min(len - at);
+            let b = self.read_part(slab, offset + at, n).await?;
+            out[at as usize..(at + n) as usize].copy_from_slice(&b);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    async fn read_part(&self, slab: u64, offset: u64, len: u64) -> Result<AlignedBuf, BlockError> {
+        for _ in 0..EPOCH_RETRIES {
+            let view = self.cluster.meta.view();
+            let s = self
+                .slab_view(&view, slab)
+                .ok_or_else(|| io(format!("slab {slab} of {} is not allocated", self.name)))?;
+            let mut bad = Vec::new();
+            let mut errors = Vec::new();
+            let mut stale = false;
+            for r in self.read_order(&s) {
+                let req = Request::Read {
+                    volume: self.id,
+                    slab,
+                    epoch: s.epoch,
+                    offset,
+                    len: len as u32,
+                };
+                match self.call(&r, req).await {
+                    Outcome::Done(Response::Data(buf)) => {
+                        for b in bad {
+                            self.repair(&s, &b, slab, offset, &buf).await;
+                        }
+                        return Ok(buf);
+                    }
+                    Outcome::Done(_) => errors.push(format!("node {}: unexpected reply", r.node)),
+                    Outcome::Stale => {
+                        stale = true;
+                        break;
+                    }
+                    Outcome::BadData(m) => {
+                        tracing::warn!(volume = %self.name, slab, node = r.node, "bad copy; reading another");
+                        bad.push(r.clone());
+                        errors.push(m);
+                    }
+                    Outcome::Failed(m) => errors.push(m),
+                }
+            }
+            if stale {
+                self.newer_than(s.epoch, slab).await;
+                continue;
+            }
+            return Err(io(format!(
+                "no current copy of slab {slab} of {} could be read: {}",
+                self.name,
+                errors.join("; ")
+            )));
+        }
+        Err(io(format!(
+            "slab {slab} of {} kept changing epoch",
+            self.name
+        )))
+    }
+
+    /// Writes good data over a copy whose checksum failed.
+    async fn repair(&self, s: &SlabView, rep: &Rep, slab: u64, offset: u64, good: &[u8]) {
+        let req = Request::Write {
+            volume: self.id,
+            slab,
+            epoch: s.epoch,
+            offset,
+            data: AlignedBuf::from_slice(good),
+            fua: true,
+        };
+        match self.call(rep, req).await {
+            Outcome::Done(_) => {
+                tracing::info!(volume = %self.name, slab, node = rep.node, offset, "repaired a bad copy from a good one")
+            }
+            _ => {
+                tracing::warn!(volume = %self.name, slab, node = rep.node, "repairing a bad copy failed")
+            }
+        }
+    }
+
+    /// Per-block states of a range, from one current copy.
+    pub async fn block_states(
+        &self,
+        slab: u64,
+        offset: u64,
+        blocks: u64,
+    ) -> Result<Vec<CsumEntry>, BlockError> {
+        let view = self.cluster.meta.view();
+        let s = self
+            .slab_view(&view, slab)
+            .ok_or_else(|| io(format!("slab {slab} of {} is not allocated", self.name)))?;
+        let mut last = String::new();
+        for r in self.read_order(&s) {
+            let req = Request::Checksums {
+                volume: self.id,
+                slab,
+                epoch: s.epoch,
+                offset,
+                blocks: blocks as u32,
+            };
+            match self.call(&r, req).await {
+                Outcome::Done(Response::Checksums(v)) => {
+                    return Ok(v
+                        .into_iter()
+                        .map(|c| match c {
+                            0 => CsumEntry::Hole,
+                            1 => CsumEntry::Zero,
+                            c => CsumEntry::Data(c as u32),
+                        })
+                        .collect());
+                }
+                Outcome::Failed(m) | Outcome::BadData(m) => last = m,
+                _ => {}
+            }
+        }
+        Err(io(format!("no copy answered for slab {slab}: {last}")))
+    }
+
+    /// Makes every acknowledged write durable on every current replica.
+    pub async fn flush(&self) -> Result<(), BlockError> {
+        let view = self.cluster.meta.view();
+        let Some(v) = view.state.volumes.get(&self.name) else {
+            return Err(BlockError::Gone(self.name.clone()));
+        };
+        let mut nodes: Vec<u64> = v
+            .slabs
+            .values()
+            .flat_map(|s| s.replicas.iter())
+            .filter(|r| r.state != ReplicaState::Stale as i32)
+            .map(|r| r.node)
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let flushes = nodes.iter().map(|&node| {
+            let rep = Rep {
+                index: 0,
+                node,
+                address: view
+                    .state
+                    .nodes
+                    .get(&node)
+                    .and_then(|n| n.replication_address.parse().ok()),
+                state: ReplicaState::Current,
+                unplaced: false,
+            };
+            async move { (node, self.call(&rep, Request::Flush).await) }
+        });
+        let failed: Vec<(u64, String)> = futures::future::join_all(flushes)
+            .await
+            .into_iter()
+            .filter_map(|(n, o)| match o {
+                Outcome::Done(_) => None,
+                Outcome::Stale => Some((n, "stale".into())),
+                Outcome::Failed(m) | Outcome::BadData(m) => Some((n, m)),
+            })
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        // The nodes that missed the flush must not stay current.
+        let slabs: Vec<u64> = v.slabs.keys().copied().collect();
+        for slab in slabs {
+            self.mark_nodes_stale(slab, &failed).await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_nodes_stale(
+        &self,
+        slab: u64,
+        failed: &[(u64, String)],
+    ) -> Result<(), BlockError> {
+        for _ in 0..EPOCH_RETRIES {
+            let view = self.cluster.meta.view();
+            let Some(s) = self.slab_view(&view, slab) else {
+                return Ok(());
+            };
+            let hit = |r: &Rep| failed.iter().any(|f| f.0 == r.node);
+            if !s
+                .reps
+                .iter()
+                .any(|r| hit(r) && r.state != ReplicaState::Stale)
+            {
+                return Ok(());
+            }
+            let left = s.current().filter(|r| !hit(r)).count();
+            if left < self.write_quorum() {
+                return Err(io(format!(
+                    "flush quorum lost on slab {slab} of {}: {left} of {} replicas confirmed",
+                    self.name, self.copies
+                )));
+            }
+            let states = s
+                .reps
+                .iter()
+                .map(|r| {
+                    if hit(r) {
+                        ReplicaState::Stale as i32
+                    } else {
+                        r.state as i32
+                    }
+                })
+                .collect();
+            match self
+                .cluster
+                .meta
+                .propose(Op::ChangeReplicas(ChangeReplicas {
+                    volume: self.name.clone(),
+                    slab,
+                    epoch: s.epoch,
+                    states,
+                    ..Default::default()
+                }))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(MetaError::Rejected(_)) => continue,
+                Err(e) => return Err(Self::meta_err(e)),
+            }
+        }
+        Err(io(format!(
+            "slab {slab} of {} kept changing epoch",
+            self.name
+        )))
+    }
+}

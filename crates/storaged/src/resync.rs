@@ -1,0 +1,140 @@
+//! Resync of mirrored slabs: a copy marked stale (its node missed writes)
+//! whose node is up again is brought back to current by copying the slab
+//! from a current copy, while the volume keeps serving.
+//!
+//! Protocol for one slab, run by the node that coordinates the volume:
+//! 1. Through Raft, the stale copies on up nodes become `resyncing`
+//!    (epoch + 1). From then on every client write goes to them too (their
+//!    failures mark them stale again) but they serve no reads and do not
+//!    count toward the write quorum.
+//! 2. The slab is copied chunk by chunk (1 MiB) from a current copy; each
+//!    chunk is copied with the volume's I/O paused, so no client write to
+//!    that chunk can land between the read of the source and the write of
+//!    the copy. Holes stay holes, zeros stay zeros.
+//! 3. Through Raft, the copies become `current` (epoch + 1).
+//!
+//! The whole slab is copied (the survivors do not record which regions the
+//! stale copy missed yet). A resync that stops half way (the coordinator
+//! died) leaves `resyncing` copies, which the next resync starts over.
+
+use crate::meta_service::MetaView;
+use crate::mirror::MirrorVolume;
+use crate::volume::Volume;
+use block_api::{BlockError, BlockVolume};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes copied per step with the volume's I/O paused.
+pub const CHUNK: u64 = 1 << 20;
+
+/// How far the resyncs of one volume are.
+#[derive(Default, Debug)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Progress {
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Slabs of `name` with a stale or resyncing copy on a node that is up.
+pub fn slabs_to_resync(view: &MetaView, name: &str) -> Vec<u64> {
+    use meta::state::{NodeState, ReplicaState};
+    let Some(v) = view.state.volumes.get(name) else {
+        return Vec::new();
+    };
+    v.slabs
+        .iter()
+        .filter(|(_, s)| {
+            s.replicas.iter().any(|r| {
+                r.state != ReplicaState::Current as i32
+                    && view
+                        .state
+                        .nodes
+                        .get(&r.node)
+                        .is_some_and(|n| n.state == NodeState::Up as i32)
+            })
+        })
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// Resyncs every slab of `vol` that needs it; returns how many it
+/// finished.
+pub async fn resync_volume(
+    vol: &Volume,
+    mirror: &MirrorVolume,
+    progress: &Progress,
+    view: &MetaView,
+) -> Result<usize, BlockError> {
+    let slabs = slabs_to_resync(view, vol.name());
+    if slabs.is_empty() {
+        return Ok(0);
+    }
+    let es = mirror.extent_size();
+    progress.done.store(0, Ordering::Relaxed);
+    progress
+        .total
+        .store(slabs.len() as u64 * es, Ordering::Relaxed);
+    let mut finished = 0;
+    for slab in slabs {
+        let Some(targets) = mirror.begin_resync(slab).await? else {
+            progress.done.fetch_add(es, Ordering::Relaxed);
+            continue;
+        };
+        tracing::info!(volume = %vol.name(), slab, copies = ?targets, "resync started");
+        let mut off = 0;
+        while off < es {
+            let len = CHUNK.min(es - off);
+            {
+                let _paused = vol.pause_io().await;
+                mirror.copy_range(slab, off, len, &targets).await?;
+            }
+            off += len;
+            progress.done.fetch_add(len, Ordering::Relaxed);
+        }
+        mirror.finish_resync(slab, &targets).await?;
+        tracing::info!(volume = %vol.name(), slab, "resync finished: copies current");
+        finished += 1;
+    }
+    Ok(finished)
+}
+
+/// Keeps one resync per volume running at a time.
+#[derive(Default)]
+pub struct Running {
+    names: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Running {
+    /// Marks `name` running; false if it already was.
+    pub fn start(self: &Arc<Self>, name: &str) -> Option<RunningGuard> {
+        let mut n = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        n.insert(name.to_string()).then(|| RunningGuard {
+            running: self.clone(),
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Clears the running mark when dropped.
+pub struct RunningGuard {
+    running: Arc<Running>,
+    name: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.running
+            .names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
