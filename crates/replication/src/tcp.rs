@@ -40,13 +40,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
@@ -56,8 +54,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::frame::{Frame, FrameError, FrameReader, FrameWriter, Message, MessageRef};
-use crate::message::{ErrorCode, ReplyShape, Request, Response};
-use crate::transport::{Handler, Transport, TransportError};
+use crate::message::{ReplyShape, Request, Response};
+use crate::transport::{Handler, Transport, TransportError, run_handler};
 
 /// Frames a writer takes from its channel per burst.
 const WRITE_BATCH_MAX: usize = 64;
@@ -410,7 +408,10 @@ impl Peer {
         }
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let now = Instant::now();
         let mut busy = None;
+        let mut candidate = None;
+        let mut backing_off = None;
         for i in 0..n {
             let slot = &self.slots[(start + i) % n];
             let state = slot.state.borrow().clone();
@@ -421,13 +422,25 @@ impl Peer {
                     }
                     busy.get_or_insert(conn);
                 }
-                state => slot.want(&state),
+                SlotState::Down { error, retry_at } if retry_at > now => {
+                    backing_off.get_or_insert(error);
+                }
+                state => {
+                    slot.want(&state);
+                    candidate.get_or_insert(slot);
+                }
             }
         }
         if let Some(conn) = busy {
             return Ok(conn);
         }
-        self.slots[start].wait_up(deadline).await
+        match (candidate, backing_off) {
+            (Some(slot), _) => slot.wait_up(deadline).await,
+            // Every slot failed its last attempt and is backing off: the
+            // peer is unreachable now; say so at once.
+            (None, Some(error)) => Err(TransportError::Unreachable(error)),
+            (None, None) => Err(TransportError::Closed),
+        }
     }
 }
 
@@ -461,28 +474,22 @@ impl Slot {
         }
     }
 
+    /// Wait for the slot's connection: through a connect attempt in
+    /// progress or due, but not through a back-off: a slot whose last
+    /// attempt failed answers `Unreachable` at once.
     async fn wait_up(&self, deadline: Instant) -> Result<Arc<Conn>, TransportError> {
         let mut rx = self.state.subscribe();
-        let mut last_error = None;
         loop {
             let state = rx.borrow_and_update().clone();
             match &state {
                 SlotState::Up(conn) if conn.alive() => return Ok(Arc::clone(conn)),
-                SlotState::Down { error, retry_at } => {
-                    if *retry_at > deadline {
-                        return Err(TransportError::Unreachable(error.clone()));
-                    }
-                    last_error = Some(error.clone());
+                SlotState::Down { error, retry_at } if *retry_at > Instant::now() => {
+                    return Err(TransportError::Unreachable(error.clone()));
                 }
-                _ => {}
+                _ => self.want(&state),
             }
-            self.want(&state);
             match timeout_at(deadline, rx.changed()).await {
-                Err(_) => {
-                    return Err(
-                        last_error.map_or(TransportError::Timeout, TransportError::Unreachable)
-                    );
-                }
+                Err(_) => return Err(TransportError::Timeout),
                 Ok(Err(_)) => return Err(TransportError::Closed),
                 Ok(Ok(())) => {}
             }
@@ -518,10 +525,17 @@ async fn supervise(slot: Arc<Slot>, config: TcpConfig, closed: CancellationToken
                     }
                     _ = conn.dead.cancelled() => conn.failure(),
                 };
-                if since.elapsed() >= config.reconnect_backoff_max {
-                    backoff = config.reconnect_backoff_min;
-                }
                 tracing::info!(conn = conn.serial, %error, "replication connection lost");
+                if since.elapsed() >= config.reconnect_backoff_max {
+                    // A connection that served well: reconnect at once
+                    // (calls wait for that attempt) and reset the back-off.
+                    backoff = config.reconnect_backoff_min;
+                    slot.state.send_replace(SlotState::Down {
+                        error,
+                        retry_at: Instant::now(),
+                    });
+                    continue;
+                }
                 error
             }
             Ok(Err(e)) => format!("{addr}: connect failed: {e}"),
@@ -1006,32 +1020,6 @@ async fn server_reader(
             "replication requests still running after the shutdown grace; cancelling them"
         );
         handlers.shutdown().await;
-    }
-}
-
-/// Run the handler, turning a panic or a reply that does not fit the
-/// request into an `Io` error reply.
-async fn run_handler(handler: &dyn Handler, peer: SocketAddr, req: Request) -> Response {
-    let shape = req.reply_shape();
-    let name = req.name();
-    match AssertUnwindSafe(handler.handle(peer, req))
-        .catch_unwind()
-        .await
-    {
-        Ok(resp) => match shape.check(&resp) {
-            Ok(()) => resp,
-            Err(e) => {
-                tracing::error!("replication handler's reply to {name} does not fit: {e}");
-                Response::error(ErrorCode::Io, format!("internal error: {e}"))
-            }
-        },
-        Err(_) => {
-            tracing::error!("replication handler panicked on {name}");
-            Response::error(
-                ErrorCode::Io,
-                format!("internal error: handler panicked on {name}"),
-            )
-        }
     }
 }
 

@@ -11,8 +11,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::FutureExt;
 
-use crate::message::{Request, Response};
+use crate::message::{ErrorCode, Request, Response};
 
 /// Why a call got no reply. A reply that reports a failure
 /// ([`Response::Error`]) is not a `TransportError`: the peer answered.
@@ -52,7 +53,10 @@ pub enum TransportError {
 ///   is refused with `Protocol` and never sent.
 /// - When the link to the peer fails, calls in flight on it fail at once
 ///   with [`TransportError::Unreachable`], not at their timeout; later calls
-///   reconnect (with back-off) without the caller doing anything.
+///   reconnect (with back-off) without the caller doing anything. While the
+///   peer cannot be reached (its last connect attempt failed and the
+///   back-off has not passed) calls fail at once with `Unreachable` rather
+///   than wait; a call waits through at most one connect attempt.
 /// - Requests are not retried: after `Timeout` or `Unreachable` the caller
 ///   does not know whether a write landed and decides itself (the epoch
 ///   fences a late one).
@@ -165,7 +169,7 @@ impl Transport for MemTransport {
         let from = self.local.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         // A spawned task, as over a network: the handler runs to completion
         // even when the caller gives up.
-        let task = tokio::spawn(async move { handler.handle(from, req).await });
+        let task = tokio::spawn(async move { run_handler(&*handler, from, req).await });
         let resp = match tokio::time::timeout(timeout, task).await {
             Err(_) => return Err(TransportError::Timeout),
             Ok(Err(e)) => {
@@ -179,5 +183,31 @@ impl Transport for MemTransport {
             .check(&resp)
             .map_err(|e| TransportError::Protocol(format!("{peer}: {e}")))?;
         Ok(resp)
+    }
+}
+
+/// Run `handler` as a server does: a panic, or a reply that does not fit
+/// the request, becomes an `Io` error reply (and an error in the log).
+pub(crate) async fn run_handler(handler: &dyn Handler, peer: SocketAddr, req: Request) -> Response {
+    let shape = req.reply_shape();
+    let name = req.name();
+    match std::panic::AssertUnwindSafe(handler.handle(peer, req))
+        .catch_unwind()
+        .await
+    {
+        Ok(resp) => match shape.check(&resp) {
+            Ok(()) => resp,
+            Err(e) => {
+                tracing::error!(%peer, "replication handler's reply to {name} does not fit: {e}");
+                Response::error(ErrorCode::Io, format!("internal error: {e}"))
+            }
+        },
+        Err(_) => {
+            tracing::error!(%peer, "replication handler panicked on {name}");
+            Response::error(
+                ErrorCode::Io,
+                format!("internal error: handler panicked on {name}"),
+            )
+        }
     }
 }
