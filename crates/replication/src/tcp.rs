@@ -390,22 +390,21 @@ impl Peer {
         })
     }
 
+    /// Close every slot for good with `error`: calls in flight and calls
+    /// still holding this peer get it.
     fn close(&self, error: TransportError) {
-        self.closed.cancel();
         for slot in &self.slots {
-            let state = slot.state.borrow().clone();
-            if let SlotState::Up(conn) = state {
+            let before = slot.publish(SlotState::Closed(error.clone()));
+            if let SlotState::Up(conn) = before {
                 conn.fail(error.clone());
             }
         }
+        self.closed.cancel();
     }
 
     /// An up connection, round-robin, preferring one with a free in-flight
     /// slot; or wait (until `deadline`) for one slot to come up.
     async fn connection(&self, deadline: Instant) -> Result<Arc<Conn>, TransportError> {
-        if self.closed.is_cancelled() {
-            return Err(TransportError::Closed);
-        }
         let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let now = Instant::now();
@@ -422,6 +421,7 @@ impl Peer {
                     }
                     busy.get_or_insert(conn);
                 }
+                SlotState::Closed(error) => return Err(error),
                 SlotState::Down { error, retry_at } if retry_at > now => {
                     backing_off.get_or_insert(error);
                 }
@@ -456,6 +456,8 @@ enum SlotState {
         error: String,
         retry_at: Instant,
     },
+    /// The peer was disconnected or the transport closed; final.
+    Closed(TransportError),
 }
 
 struct Slot {
@@ -474,6 +476,20 @@ impl Slot {
         }
     }
 
+    /// Replace the state unless it is `Closed` (which is final); return
+    /// the state before.
+    fn publish(&self, state: SlotState) -> SlotState {
+        let mut before = None;
+        self.state.send_if_modified(|s| {
+            if matches!(s, SlotState::Closed(_)) {
+                return false;
+            }
+            before = Some(std::mem::replace(s, state));
+            true
+        });
+        before.unwrap_or_else(|| SlotState::Closed(TransportError::Closed))
+    }
+
     /// Wait for the slot's connection: through a connect attempt in
     /// progress or due, but not through a back-off: a slot whose last
     /// attempt failed answers `Unreachable` at once.
@@ -483,6 +499,7 @@ impl Slot {
             let state = rx.borrow_and_update().clone();
             match &state {
                 SlotState::Up(conn) if conn.alive() => return Ok(Arc::clone(conn)),
+                SlotState::Closed(error) => return Err(error.clone()),
                 SlotState::Down { error, retry_at } if *retry_at > Instant::now() => {
                     return Err(TransportError::Unreachable(error.clone()));
                 }
@@ -498,17 +515,22 @@ impl Slot {
 }
 
 /// Run one connection slot: connect when wanted, publish the state,
-/// back off after failures. Ends when the peer or transport closes.
+/// back off after failures. Ends when the peer or transport closes, with
+/// the slot `Closed`.
 async fn supervise(slot: Arc<Slot>, config: TcpConfig, closed: CancellationToken) {
     let addr = slot.addr;
     let mut backoff = config.reconnect_backoff_min;
     loop {
         tokio::select! {
-            _ = closed.cancelled() => return,
+            _ = closed.cancelled() => break,
             _ = slot.demand.notified() => {}
         }
-        slot.state.send_replace(SlotState::Connecting);
-        let error = match timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+        slot.publish(SlotState::Connecting);
+        let connected = tokio::select! {
+            _ = closed.cancelled() => break,
+            c = timeout(config.connect_timeout, TcpStream::connect(addr)) => c,
+        };
+        let error = match connected {
             Ok(Ok(stream)) => {
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
@@ -516,12 +538,11 @@ async fn supervise(slot: Arc<Slot>, config: TcpConfig, closed: CancellationToken
                 let conn = Conn::start(stream, addr, &config);
                 tracing::debug!(conn = conn.serial, "connected");
                 let since = Instant::now();
-                slot.state.send_replace(SlotState::Up(Arc::clone(&conn)));
+                slot.publish(SlotState::Up(Arc::clone(&conn)));
                 let error = tokio::select! {
                     _ = closed.cancelled() => {
                         conn.fail(TransportError::Closed);
-                        slot.state.send_replace(SlotState::Idle);
-                        return;
+                        break;
                     }
                     _ = conn.dead.cancelled() => conn.failure(),
                 };
@@ -530,7 +551,7 @@ async fn supervise(slot: Arc<Slot>, config: TcpConfig, closed: CancellationToken
                     // A connection that served well: reconnect at once
                     // (calls wait for that attempt) and reset the back-off.
                     backoff = config.reconnect_backoff_min;
-                    slot.state.send_replace(SlotState::Down {
+                    slot.publish(SlotState::Down {
                         error,
                         retry_at: Instant::now(),
                     });
@@ -546,12 +567,15 @@ async fn supervise(slot: Arc<Slot>, config: TcpConfig, closed: CancellationToken
         };
         tracing::debug!(%error, ?backoff, slot = slot.index, "slot down");
         let retry_at = Instant::now() + backoff;
-        slot.state.send_replace(SlotState::Down { error, retry_at });
+        slot.publish(SlotState::Down { error, retry_at });
         backoff = (backoff * 2).min(config.reconnect_backoff_max);
         tokio::select! {
-            _ = closed.cancelled() => return,
+            _ = closed.cancelled() => break,
             _ = tokio::time::sleep_until(retry_at) => {}
         }
+    }
+    if let SlotState::Up(conn) = slot.publish(SlotState::Closed(TransportError::Closed)) {
+        conn.fail(TransportError::Closed);
     }
 }
 
@@ -675,8 +699,9 @@ impl Conn {
             p.failed = Some(error.clone());
             std::mem::take(&mut p.calls)
         };
-        self.inflight.close();
+        // Dead first: whoever sees the closed semaphore then sees it dead.
         self.dead.cancel();
+        self.inflight.close();
         for (_, call) in calls {
             let _ = call.reply.send(Err(error.clone()));
         }

@@ -41,7 +41,7 @@ pub enum TransportError {
 /// Sends replica requests to peer nodes.
 ///
 /// Semantics every implementation keeps (the conformance tests in
-/// `tests/transport.rs` check them):
+/// `crates/replication/tests/conformance.rs` check them):
 /// - `call` returns within `timeout` (plus scheduling noise), whatever the
 ///   peer does; every wait inside it (connecting, an in-flight slot,
 ///   sending, the reply) counts toward that one deadline.

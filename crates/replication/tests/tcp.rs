@@ -682,3 +682,28 @@ async fn replies_on_the_wire_carry_the_request_id() {
         Message::Response(Response::Data(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_fails_calls_in_flight_and_the_next_call_connects_afresh() {
+    let server = start_server(ServerConfig::default()).await;
+    let t = transport();
+    let call = {
+        let t = Arc::clone(&t);
+        let addr = server.addr;
+        tokio::spawn(async move { t.call(addr, read(VOLUME_SLOW, 0, 0, 4096), LONG).await })
+    };
+    eventually(LONG, "the slow read running", || {
+        server.handler.running() == 1
+    })
+    .await;
+    t.disconnect(server.addr);
+    let got = tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .expect("the call ended within 2 s of disconnect")
+        .expect("call task");
+    assert!(
+        matches!(got, Err(TransportError::Unreachable(ref m)) if m.contains("disconnected")),
+        "a call in flight at disconnect answered {got:?}"
+    );
+    flush_ok(&t, server.addr, LONG).await;
+}
