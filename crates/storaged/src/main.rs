@@ -286,14 +286,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         manager::Manager::open(cfg.data_dir.clone(), local, store.clone(), simple, &live).await?,
     );
     let replicas = replica::ReplicaService::new(store.clone(), meta.clone(), copies);
-    let repl_listener = tokio::net::TcpListener::bind(cfg.replication_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (--replication-listen)",
-                cfg.replication_listen
-            )
-        })?;
+    // Without --replication-listen, take the address this node had before
+    // if it is free, so a restart needs no metadata change.
+    let before = view
+        .state
+        .nodes
+        .get(&node_id)
+        .and_then(|n| n.replication_address.parse::<std::net::SocketAddr>().ok())
+        .filter(|a| cfg.replication_listen.port() == 0 && a.ip() == cfg.replication_listen.ip());
+    let repl_listener = match before {
+        Some(a) => match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => Ok(l),
+            Err(_) => tokio::net::TcpListener::bind(cfg.replication_listen).await,
+        },
+        None => tokio::net::TcpListener::bind(cfg.replication_listen).await,
+    }
+    .with_context(|| {
+        format!(
+            "cannot listen on {} (--replication-listen)",
+            cfg.replication_listen
+        )
+    })?;
     let repl_addr = repl_listener.local_addr()?;
     let transport: Arc<dyn replication::Transport> = Arc::new(replication::TcpTransport::new(
         replication::TcpConfig::default(),
@@ -309,42 +322,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         manager.clone(),
         replicas.clone(),
     ));
-    tokio::spawn(register_node(
-        meta.clone(),
-        store.clone(),
-        meta::state::UpdateNode {
-            node: node_id,
-            address: cfg.listen.to_string(),
-            nbd_address: cfg.nbd_listen.to_string(),
-            iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
-            replication_address: repl_addr.to_string(),
-        },
-    ));
-
     let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
-    let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--nbd-listen)", cfg.nbd_listen))?;
-    let iscsi_listener = match cfg.iscsi_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .with_context(|| format!("cannot listen on {a} (--iscsi-listen)"))?,
-        ),
-        None => None,
-    };
-    let iscsi_addr = iscsi_listener
-        .as_ref()
-        .map(|l| l.local_addr())
-        .transpose()?;
     let shutdown = CancellationToken::new();
-
-    let iscsi_task = iscsi_listener
-        .map(|l| iscsi::spawn(l, manager.clone(), shutdown.clone()))
-        .transpose()
-        .context("cannot start the iSCSI target")?;
     let control = grpc::ControlService::new(manager.clone(), meta.clone());
     let peers = peer::Peers::new(meta.clone(), manager.clone(), catalog.extent_size);
     let grpc_shutdown = shutdown.clone();
@@ -374,13 +355,55 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 grpc_shutdown.cancelled_owned(),
             ),
     );
-    let provider: Arc<dyn block_api::VolumeProvider> = Arc::new(manager::Provider(manager.clone()));
-    let nbd_task = tokio::spawn(nbd_server::serve(nbd_listener, provider, shutdown.clone()));
     let repl_task = tokio::spawn(replication::serve(
         repl_listener,
-        Arc::new(replica::ReplicaHandler(replicas)),
+        Arc::new(replica::ReplicaHandler(replicas.clone())),
         shutdown.clone(),
     ));
+    // The node is ready for clients once the cluster knows its disks and
+    // addresses (a new node first catches up through the gRPC port, which
+    // is why that one is open already). Without a quorum it starts anyway.
+    let mut registered = tokio::spawn(register_node(
+        meta.clone(),
+        store.clone(),
+        meta::state::UpdateNode {
+            node: node_id,
+            address: cfg.listen.to_string(),
+            nbd_address: cfg.nbd_listen.to_string(),
+            iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
+            replication_address: repl_addr.to_string(),
+        },
+    ));
+
+    if tokio::time::timeout(std::time::Duration::from_secs(15), &mut registered)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the cluster has not recorded this node's disks and addresses yet (no quorum?); serving anyway and retrying"
+        );
+    }
+    let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--nbd-listen)", cfg.nbd_listen))?;
+    let iscsi_listener = match cfg.iscsi_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (--iscsi-listen)"))?,
+        ),
+        None => None,
+    };
+    let iscsi_addr = iscsi_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
+    let iscsi_task = iscsi_listener
+        .map(|l| iscsi::spawn(l, manager.clone(), shutdown.clone()))
+        .transpose()
+        .context("cannot start the iSCSI target")?;
+    let provider: Arc<dyn block_api::VolumeProvider> = Arc::new(manager::Provider(manager.clone()));
+    let nbd_task = tokio::spawn(nbd_server::serve(nbd_listener, provider, shutdown.clone()));
     tracing::info!(
         node = %cfg.name,
         id = node_id,
