@@ -129,6 +129,22 @@ pub fn render_volume(v: &Volume) -> String {
         return pairs(&rows);
     }
     rows.push(("attached to", or_dash(&v.attached_to)));
+    if v.resync_total_bytes > 0 {
+        let pct = v.resync_done_bytes * 100 / v.resync_total_bytes;
+        let state = if v.resync_done_bytes >= v.resync_total_bytes {
+            "done"
+        } else {
+            "running"
+        };
+        rows.push((
+            "resync",
+            format!(
+                "{} of {} ({pct}%, {state})",
+                crate::table::human(v.resync_done_bytes),
+                crate::table::human(v.resync_total_bytes)
+            ),
+        ));
+    }
     let mut out = pairs(&rows);
     out.push('\n');
     if v.slabs.is_empty() {
@@ -338,6 +354,30 @@ mod tests {
         let s = render_volume(&simple("", false));
         assert!(s.contains("\nnode        -\n"), "{s}");
         assert!(s.contains("\nallocated   2.0 GiB (2 of 10 slabs)\n"), "{s}");
+    }
+
+    #[test]
+    fn resync_progress_shows_in_volume_show() {
+        let mut v = Volume {
+            name: "m".into(),
+            resiliency: "mirror-3".into(),
+            attached_to: "n1".into(),
+            resync_done_bytes: 32 << 20,
+            resync_total_bytes: 128 << 20,
+            ..Default::default()
+        };
+        let s = render_volume(&v);
+        assert!(
+            s.contains("resync       32.0 MiB of 128.0 MiB (25%, running)"),
+            "{s}"
+        );
+        v.resync_done_bytes = 128 << 20;
+        assert!(render_volume(&v).contains("(100%, done)"));
+        v.resync_total_bytes = 0;
+        assert!(
+            !render_volume(&v).contains("resync"),
+            "no line without a resync"
+        );
     }
 
     fn slab(n: u64, epoch: u64, copies: &[(&str, &str)]) -> SlabInfo {
