@@ -129,8 +129,7 @@ pub fn render_volume(v: &Volume) -> String {
         return pairs(&rows);
     }
     rows.push(("attached to", or_dash(&v.attached_to)));
-    if v.resync_total_bytes > 0 {
-        let pct = v.resync_done_bytes * 100 / v.resync_total_bytes;
+    if let Some(pct) = (v.resync_done_bytes * 100).checked_div(v.resync_total_bytes) {
         let state = if v.resync_done_bytes >= v.resync_total_bytes {
             "done"
         } else {
