@@ -405,6 +405,17 @@ impl Cluster {
         self.node_mut(i).kill9();
     }
 
+    /// SIGSTOP node `i`: the process stays alive, holds its ports and
+    /// connections and answers nothing, as a node that hangs.
+    pub fn pause(&mut self, i: usize) {
+        self.node(i).signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT node `i` after `pause`.
+    pub fn resume(&mut self, i: usize) {
+        self.node(i).signal(libc::SIGCONT);
+    }
+
     /// SIGTERM node `i` and wait; returns its exit code.
     pub fn stop(&mut self, i: usize) -> Option<i32> {
         self.node_mut(i).stop()

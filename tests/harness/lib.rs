@@ -295,6 +295,20 @@ impl Node {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Send `sig` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to the running
+    /// process; panics when it is not running.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("node is not running") as i32;
+        // SAFETY: signalling our own child, which has not been reaped.
+        let r = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            r,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// kill -9, as a crash or power cut of the process.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
