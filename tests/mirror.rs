@@ -1049,7 +1049,6 @@ fn verify_reports_a_copy_whose_data_was_corrupted_on_disk() {
 // ---- 6 ------------------------------------------------------------------
 
 #[test]
-#[ignore = "server bug: a coordinator that lost its attachment retries a fenced write with the new epoch, so its write lands after the takeover"]
 fn a_paused_coordinator_is_fenced_after_another_node_takes_the_volume_over() {
     let mut c = three_nodes(Some("1s"));
     create_mirror(&c, 1, "fence", "16MiB", "mirror-3");

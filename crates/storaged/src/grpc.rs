@@ -707,7 +707,9 @@ impl VolumeService for ControlService {
 const VERIFY_CHUNK_BLOCKS: u64 = 256;
 
 impl ControlService {
-    /// Compares the current copies of every slab of a mirrored volume.
+    /// Compares the current copies of every slab of a mirrored volume: reads
+    /// every copy's data (each node checks it against its stored checksums)
+    /// and compares the bytes.
     async fn verify(&self, name: &str) -> Result<VerifyVolumeResponse, Status> {
         let view = self.meta.read().await.map_err(meta_status)?;
         let v = view
@@ -758,14 +760,16 @@ impl ControlService {
             let mut block = 0u64;
             'chunks: while block * bs < es {
                 let blocks = VERIFY_CHUNK_BLOCKS.min(es / bs - block);
-                let mut sums: Vec<(String, Vec<u64>)> = Vec::new();
+                // Each copy's data, read (and so checked against its stored
+                // checksums) on its node; holes read as zeros.
+                let mut datas: Vec<(String, Vec<u8>)> = Vec::new();
                 for (node, who, addr) in &reps {
-                    let req = replication::Request::Checksums {
+                    let req = replication::Request::Read {
                         volume: v.id,
                         slab: *slab,
                         epoch: s.epoch,
                         offset: block * bs,
-                        blocks: blocks as u32,
+                        len: (blocks * bs) as u32,
                     };
                     let resp = if *node == view.this {
                         Ok(c.local.serve(req).await)
@@ -778,7 +782,18 @@ impl ControlService {
                         Err("no replication address".to_string())
                     };
                     match resp {
-                        Ok(replication::Response::Checksums(v)) => sums.push((who.clone(), v)),
+                        Ok(replication::Response::Data(b)) => datas.push((who.clone(), b.to_vec())),
+                        Ok(replication::Response::Error {
+                            code: replication::ErrorCode::Checksum,
+                            message,
+                        }) => {
+                            // A bad block in this chunk: a difference.
+                            diff_blocks += 1;
+                            if first_diff.is_none() {
+                                first_diff = Some(block * bs);
+                                detail = format!("copy on {who} fails its checksum: {message}");
+                            }
+                        }
                         Ok(replication::Response::Error { message, .. }) => {
                             out.skipped
                                 .push(format!("slab {slab}: copy on {who}: {message}"));
@@ -798,12 +813,12 @@ impl ControlService {
                         }
                     }
                 }
-                if let Some((first_who, first)) = sums.first() {
-                    for (i, want) in first.iter().enumerate() {
-                        let odd = sums.iter().skip(1).find(|(_, o)| {
-                            o.get(i)
-                                .is_none_or(|x| !crate::replica::same_content(*x, *want))
-                        });
+                if let Some((first_who, first)) = datas.first() {
+                    for (i, want) in first.chunks(bs as usize).enumerate() {
+                        let odd = datas
+                            .iter()
+                            .skip(1)
+                            .find(|(_, o)| o.chunks(bs as usize).nth(i).is_none_or(|x| x != want));
                         if let Some((who, _)) = odd {
                             diff_blocks += 1;
                             if first_diff.is_none() {

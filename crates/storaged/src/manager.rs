@@ -93,6 +93,9 @@ pub struct Manager {
     /// handles are all dropped is detached after a grace period.
     mirrors: std::sync::Mutex<HashMap<String, Weak<Attached>>>,
     resyncs: Arc<crate::resync::Running>,
+    /// One attach at a time, so two clients opening a volume at once do
+    /// not both propose the attachment.
+    attaching: Mutex<()>,
 }
 
 /// How long a mirrored volume stays attached after its last client left.
@@ -238,6 +241,7 @@ impl Manager {
             cluster: std::sync::OnceLock::new(),
             mirrors: std::sync::Mutex::new(HashMap::new()),
             resyncs: Arc::default(),
+            attaching: Mutex::new(()),
         })
     }
 
@@ -253,12 +257,21 @@ impl Manager {
         }
     }
 
+    /// The handle of `name` if this node serves it now; a handle whose
+    /// attachment was taken over is forgotten (its clients get EIO).
     fn attached(&self, name: &str) -> Option<Arc<Attached>> {
-        self.mirrors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .and_then(Weak::upgrade)
+        let mut map = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+        let a = map.get(name).and_then(Weak::upgrade)?;
+        let ours = self
+            .cluster
+            .get()
+            .is_some_and(|c| a.mirror.is_ours(&c.meta.view()));
+        if ours {
+            Some(a)
+        } else {
+            map.remove(name);
+            None
+        }
     }
 
     /// Serves a mirrored volume from this node: records the attachment in
@@ -269,6 +282,10 @@ impl Manager {
     }
 
     async fn attach(self: &Arc<Self>, name: &str) -> Result<Arc<Attached>, BlockError> {
+        if let Some(a) = self.attached(name) {
+            return Ok(a);
+        }
+        let _one = self.attaching.lock().await;
         if let Some(a) = self.attached(name) {
             return Ok(a);
         }
@@ -292,6 +309,10 @@ impl Manager {
                 takeover,
             })
         };
+        // An attachment that is still there means the previous holder did
+        // not let the volume go (it died, or this node restarted): writes it
+        // had in flight may have reached some copies only.
+        let unclean = v.attachment.is_some();
         match &v.attachment {
             Some(a) if a.node == c.this => {}
             Some(a) => {
@@ -327,7 +348,27 @@ impl Manager {
             Ok(r) => r.copies(),
             Err(_) => return Err(BlockError::Io(format!("volume {name}: unknown resiliency"))),
         };
-        let mv = Arc::new(MirrorVolume::new(c.clone(), name.to_string(), v.id, copies));
+        let generation = v
+            .attachment
+            .as_ref()
+            .filter(|a| a.node == c.this)
+            .map(|a| a.generation)
+            .ok_or_else(|| BlockError::Io(format!("volume {name}: attachment not recorded")))?;
+        let mv = Arc::new(MirrorVolume::new(
+            c.clone(),
+            name.to_string(),
+            v.id,
+            copies,
+            generation,
+        ));
+        if unclean {
+            let fixed = mv.reconcile().await?;
+            tracing::info!(
+                volume = name,
+                blocks = fixed,
+                "copies reconciled after an unclean stop of the previous coordinator"
+            );
+        }
         let vol = Volume::start_mirror(
             name.to_string(),
             v.id,

@@ -75,6 +75,14 @@ pub struct MirrorVolume {
     name: String,
     id: u64,
     copies: usize,
+    /// The attachment generation this node serves the volume under; when
+    /// the metadata shows another, the volume was taken over and this node
+    /// must not touch it any more.
+    generation: u64,
+    /// Slabs where a write failed below the write quorum: it may have
+    /// reached some copies only, so they are reconciled before the slab
+    /// serves again.
+    unsettled: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn io(msg: impl Into<String>) -> BlockError {
@@ -91,12 +99,20 @@ enum Outcome {
 }
 
 impl MirrorVolume {
-    pub fn new(cluster: Arc<MirrorCluster>, name: String, id: u64, copies: usize) -> MirrorVolume {
+    pub fn new(
+        cluster: Arc<MirrorCluster>,
+        name: String,
+        id: u64,
+        copies: usize,
+        generation: u64,
+    ) -> MirrorVolume {
         MirrorVolume {
             cluster,
             name,
             id,
             copies,
+            generation,
+            unsettled: Default::default(),
         }
     }
 
@@ -271,65 +287,186 @@ impl MirrorVolume {
                 j += 1;
             }
             let (at, n) = (offset + i as u64 * bs, (j - i) as u64 * bs);
-            let data = if k == 2 {
-                match self
-                    .call(
-                        src,
-                        Request::Read {
-                            volume: self.id,
-                            slab,
-                            epoch: s.epoch,
-                            offset: at,
-                            len: n as u32,
-                        },
-                    )
-                    .await
-                {
-                    Outcome::Done(Response::Data(b)) => Some(b),
-                    Outcome::Failed(m) | Outcome::BadData(m) => {
-                        return Err(io(format!("resync source: {m}")));
-                    }
-                    _ => return Err(io("resync source: unexpected reply")),
-                }
-            } else {
-                None
-            };
-            for d in &dst {
-                let req = match (&data, k) {
-                    (Some(b), _) => Request::Write {
-                        volume: self.id,
-                        slab,
-                        epoch: s.epoch,
-                        offset: at,
-                        data: AlignedBuf::from_slice(b),
-                        fua: false,
-                    },
-                    (None, 0) => Request::Trim {
-                        volume: self.id,
-                        slab,
-                        epoch: s.epoch,
-                        offset: at,
-                        len: n,
-                    },
-                    (None, _) => Request::WriteZeroes {
-                        volume: self.id,
-                        slab,
-                        epoch: s.epoch,
-                        offset: at,
-                        len: n,
-                    },
-                };
-                match self.call(d, req).await {
-                    Outcome::Done(_) => {}
-                    Outcome::Stale => return Err(io("resync: the slab changed epoch")),
-                    Outcome::Failed(m) | Outcome::BadData(m) => {
-                        return Err(io(format!("resync target: {m}")));
-                    }
-                }
-            }
+            self.copy_run(src, &dst, slab, s.epoch, at, n, k).await?;
             i = j;
         }
         Ok(())
+    }
+
+    /// Copies `[at, at + n)` of a slab from `src` to `dst`: the data when
+    /// `kind` is 2, else a hole (0) or zeros (1) like the source's blocks.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_run(
+        &self,
+        src: &Rep,
+        dst: &[&Rep],
+        slab: u64,
+        epoch: u64,
+        at: u64,
+        n: u64,
+        kind: u64,
+    ) -> Result<(), BlockError> {
+        let data = if kind == 2 {
+            match self
+                .call(
+                    src,
+                    Request::Read {
+                        volume: self.id,
+                        slab,
+                        epoch,
+                        offset: at,
+                        len: n as u32,
+                    },
+                )
+                .await
+            {
+                Outcome::Done(Response::Data(b)) => Some(b),
+                Outcome::Failed(m) | Outcome::BadData(m) => {
+                    return Err(io(format!("copy source: {m}")));
+                }
+                _ => return Err(io("copy source: unexpected reply")),
+            }
+        } else {
+            None
+        };
+        for d in dst {
+            let req = match (&data, kind) {
+                (Some(b), _) => Request::Write {
+                    volume: self.id,
+                    slab,
+                    epoch,
+                    offset: at,
+                    data: AlignedBuf::from_slice(b),
+                    fua: false,
+                },
+                (None, 0) => Request::Trim {
+                    volume: self.id,
+                    slab,
+                    epoch,
+                    offset: at,
+                    len: n,
+                },
+                (None, _) => Request::WriteZeroes {
+                    volume: self.id,
+                    slab,
+                    epoch,
+                    offset: at,
+                    len: n,
+                },
+            };
+            match self.call(d, req).await {
+                Outcome::Done(_) => {}
+                Outcome::Stale => return Err(io("copy: the slab changed epoch")),
+                Outcome::Failed(m) | Outcome::BadData(m) => {
+                    return Err(io(format!("copy target: {m}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the current copies of every slab agree, before a node serves
+    /// a volume whose previous coordinator stopped without letting it go:
+    /// writes it had in flight may have reached some copies only. Where
+    /// copies differ, this node's copy (or the first current one) wins, as
+    /// any outcome of a write nobody acknowledged is allowed. Copies that
+    /// do not answer are marked stale (their node may hold such writes too;
+    /// a resync brings them back). Returns the blocks it rewrote.
+    pub async fn reconcile(&self) -> Result<u64, BlockError> {
+        let view = self.cluster.meta.view();
+        let slabs: Vec<u64> = view
+            .state
+            .volumes
+            .get(&self.name)
+            .map(|v| v.slabs.keys().copied().collect())
+            .unwrap_or_default();
+        let mut fixed = 0;
+        for slab in slabs {
+            fixed += self.reconcile_slab(slab).await?;
+        }
+        Ok(fixed)
+    }
+
+    async fn reconcile_slab(&self, slab: u64) -> Result<u64, BlockError> {
+        let bs = block_api::BLOCK_SIZE as u64;
+        let es = self.extent_size();
+        let chunk = crate::resync::CHUNK;
+        let mut fixed = 0;
+        let mut off = 0;
+        let mut tries = 0;
+        while off < es {
+            tries += 1;
+            if tries > 64 * EPOCH_RETRIES {
+                return Err(io(format!(
+                    "slab {slab}: copies kept changing during reconcile"
+                )));
+            }
+            let view = self.cluster.meta.view();
+            let Some(s) = self.slab_view(&view, slab) else {
+                return Ok(fixed);
+            };
+            let len = chunk.min(es - off);
+            let mut sums = Vec::new();
+            let mut unreachable = Vec::new();
+            let mut stale = false;
+            for r in self.read_order(&s) {
+                let req = Request::Checksums {
+                    volume: self.id,
+                    slab,
+                    epoch: s.epoch,
+                    offset: off,
+                    blocks: (len / bs) as u32,
+                };
+                match self.call(&r, req).await {
+                    Outcome::Done(Response::Checksums(v)) => sums.push((r, v)),
+                    Outcome::Stale => stale = true,
+                    Outcome::Done(_) => unreachable.push((r.node, "unexpected reply".to_string())),
+                    Outcome::Failed(m) | Outcome::BadData(m) => unreachable.push((r.node, m)),
+                }
+            }
+            if stale {
+                self.newer_than(s.epoch, slab).await;
+                continue;
+            }
+            if !unreachable.is_empty() {
+                if sums.is_empty() {
+                    return Err(io(format!(
+                        "slab {slab} of {}: no current copy answers",
+                        self.name
+                    )));
+                }
+                tracing::warn!(volume = %self.name, slab, copies = ?unreachable, "copies out of reach after a takeover; marking them stale");
+                self.mark_nodes_stale(slab, &unreachable).await?;
+                continue;
+            }
+            let Some(((src, base), rest)) = sums.split_first() else {
+                return Ok(fixed);
+            };
+            for (r, v) in rest {
+                let mut i = 0;
+                while i < base.len() {
+                    let differs = |k: usize| {
+                        v.get(k)
+                            .is_none_or(|x| !crate::replica::same_content(*x, base[k]))
+                    };
+                    if !differs(i) {
+                        i += 1;
+                        continue;
+                    }
+                    let kind = base[i].min(2);
+                    let mut j = i + 1;
+                    while j < base.len() && differs(j) && base[j].min(2) == kind {
+                        j += 1;
+                    }
+                    let (at, n) = (off + i as u64 * bs, (j - i) as u64 * bs);
+                    self.copy_run(src, &[r], slab, s.epoch, at, n, kind).await?;
+                    fixed += (j - i) as u64;
+                    i = j;
+                }
+            }
+            off += len;
+        }
+        Ok(fixed)
     }
 
     /// Step 3 of a resync: the copies, made durable, become current.
@@ -411,6 +548,52 @@ impl MirrorVolume {
             Err(MetaError::Rejected(_)) => Ok(false),
             Err(e) => Err(Self::meta_err(e)),
         }
+    }
+
+    /// Whether this node still serves the volume under its attachment.
+    pub fn is_ours(&self, view: &MetaView) -> bool {
+        self.still_ours(view).is_ok()
+    }
+
+    /// Fails when the volume is no longer attached to this node under the
+    /// generation it was opened with (another node took it over).
+    fn still_ours(&self, view: &MetaView) -> Result<(), BlockError> {
+        let a = view
+            .state
+            .volumes
+            .get(&self.name)
+            .filter(|v| v.id == self.id)
+            .and_then(|v| v.attachment.as_ref());
+        match a {
+            Some(a) if a.node == self.cluster.this && a.generation == self.generation => Ok(()),
+            Some(a) => Err(io(format!(
+                "volume {} was taken over by node {}; this node no longer serves it",
+                self.name, a.node
+            ))),
+            None => Err(io(format!(
+                "volume {} is no longer attached to this node",
+                self.name
+            ))),
+        }
+    }
+
+    /// Reconciles the slab first if a write failed on it below quorum.
+    async fn settle(&self, slab: u64) -> Result<(), BlockError> {
+        let due = self
+            .unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&slab);
+        if !due {
+            return Ok(());
+        }
+        let fixed = self.reconcile_slab(slab).await?;
+        tracing::info!(volume = %self.name, slab, blocks = fixed, "copies reconciled after a write failed below quorum");
+        self.unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slab);
+        Ok(())
     }
 
     /// Whether the metadata has this slab.
@@ -574,8 +757,10 @@ impl MirrorVolume {
     /// Sends `make(epoch)` to every current (and resyncing) replica and
     /// applies the write rule of the module doc.
     async fn fan_out(&self, slab: u64, make: impl Fn(u64) -> Request) -> Result<(), BlockError> {
+        self.settle(slab).await?;
         for _ in 0..EPOCH_RETRIES {
             let view = self.cluster.meta.view();
+            self.still_ours(&view)?;
             let s = self
                 .slab_view(&view, slab)
                 .ok_or_else(|| io(format!("slab {slab} of {} is not allocated", self.name)))?;
@@ -605,6 +790,10 @@ impl MirrorVolume {
                 return Ok(());
             }
             if acked_current < self.write_quorum() {
+                self.unsettled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(slab);
                 return Err(io(format!(
                     "write quorum lost on slab {slab} of {}: {acked_current} of {} replicas acknowledged ({})",
                     self.name,
@@ -747,8 +936,10 @@ impl MirrorVolume {
     }
 
     async fn read_part(&self, slab: u64, offset: u64, len: u64) -> Result<AlignedBuf, BlockError> {
+        self.settle(slab).await?;
         for _ in 0..EPOCH_RETRIES {
             let view = self.cluster.meta.view();
+            self.still_ours(&view)?;
             let s = self
                 .slab_view(&view, slab)
                 .ok_or_else(|| io(format!("slab {slab} of {} is not allocated", self.name)))?;
@@ -860,6 +1051,7 @@ impl MirrorVolume {
     /// Makes every acknowledged write durable on every current replica.
     pub async fn flush(&self) -> Result<(), BlockError> {
         let view = self.cluster.meta.view();
+        self.still_ours(&view)?;
         let Some(v) = view.state.volumes.get(&self.name) else {
             return Err(BlockError::Gone(self.name.clone()));
         };
