@@ -700,9 +700,11 @@ async fn register_node(
                     .await
                 {
                     Ok(_) => tracing::info!("node addresses recorded in the cluster"),
-                    Err(e) => tracing::debug!(error = %e, "recording addresses failed; retrying"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "recording addresses failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 continue;
             }
             let missing: Vec<_> = disks
@@ -723,11 +725,16 @@ async fn register_node(
                     Ok(_) => {
                         tracing::info!(disk = %d.path.display(), "disk recorded in the cluster")
                     }
-                    Err(e) => tracing::debug!(error = %e, "recording a disk failed; retrying"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "recording a disk failed; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
                 }
             }
+            continue;
         }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        // Not in the state yet: a joined node is still catching up.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
