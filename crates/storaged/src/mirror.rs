@@ -232,8 +232,9 @@ impl MirrorVolume {
         )))
     }
 
-    /// Step 2 of a resync: copies `[offset, offset + len)` of the slab from
-    /// a current copy to the resyncing ones. The caller pauses the
+    /// Step 2 of a resync: makes `[offset, offset + len)` of the resyncing
+    /// copies equal to a current copy's, copying only the blocks whose
+    /// checksums differ; returns the bytes copied. The caller pauses the
     /// volume's I/O around it.
     pub async fn copy_range(
         &self,
@@ -241,7 +242,7 @@ impl MirrorVolume {
         offset: u64,
         len: u64,
         targets: &[usize],
-    ) -> Result<(), BlockError> {
+    ) -> Result<u64, BlockError> {
         let bs = block_api::BLOCK_SIZE as u64;
         let view = self.cluster.meta.view();
         let s = self
@@ -278,19 +279,53 @@ impl MirrorVolume {
             }
             _ => return Err(io("resync source: unexpected reply")),
         };
-        let kind = |c: u64| c.min(2);
-        let mut i = 0;
-        while i < sums.len() {
-            let k = kind(sums[i]);
-            let mut j = i + 1;
-            while j < sums.len() && kind(sums[j]) == k {
-                j += 1;
+        // Only the blocks where a copy differs from the source travel: what
+        // the copy missed while it was stale (a fresh copy: everything the
+        // source holds).
+        let mut copied = 0u64;
+        for d in dst {
+            let theirs = match self
+                .call(
+                    d,
+                    Request::Checksums {
+                        volume: self.id,
+                        slab,
+                        epoch: s.epoch,
+                        offset,
+                        blocks: (len / bs) as u32,
+                    },
+                )
+                .await
+            {
+                Outcome::Done(Response::Checksums(v)) => v,
+                Outcome::Failed(m) | Outcome::BadData(m) => {
+                    return Err(io(format!("resync target: {m}")));
+                }
+                _ => return Err(io("resync target: unexpected reply")),
+            };
+            let differs = |k: usize| {
+                theirs
+                    .get(k)
+                    .is_none_or(|x| !crate::replica::same_content(*x, sums[k]))
+            };
+            let mut i = 0;
+            while i < sums.len() {
+                if !differs(i) {
+                    i += 1;
+                    continue;
+                }
+                let kind = sums[i].min(2);
+                let mut j = i + 1;
+                while j < sums.len() && differs(j) && sums[j].min(2) == kind {
+                    j += 1;
+                }
+                let (at, n) = (offset + i as u64 * bs, (j - i) as u64 * bs);
+                self.copy_run(src, &[d], slab, s.epoch, at, n, kind).await?;
+                copied += n;
+                i = j;
             }
-            let (at, n) = (offset + i as u64 * bs, (j - i) as u64 * bs);
-            self.copy_run(src, &dst, slab, s.epoch, at, n, k).await?;
-            i = j;
         }
-        Ok(())
+        Ok(copied)
     }
 
     /// Copies `[at, at + n)` of a slab from `src` to `dst`: the data when

@@ -7,15 +7,21 @@
 //!    (epoch + 1). From then on every client write goes to them too (their
 //!    failures mark them stale again) but they serve no reads and do not
 //!    count toward the write quorum.
-//! 2. The slab is copied chunk by chunk (1 MiB) from a current copy; each
-//!    chunk is copied with the volume's I/O paused, so no client write to
-//!    that chunk can land between the read of the source and the write of
-//!    the copy. Holes stay holes, zeros stay zeros.
+//! 2. The slab is compared chunk by chunk (1 MiB) with a current copy
+//!    through the per-block checksums both sides store, and only the blocks
+//!    that differ are copied: what the copy missed while it was stale (all
+//!    of it for a copy that never had an extent). Each chunk is handled
+//!    with the volume's I/O paused, so no client write to that chunk can
+//!    land between the read of the source and the write of the copy. Holes
+//!    stay holes, zeros stay zeros.
 //! 3. Through Raft, the copies become `current` (epoch + 1).
 //!
-//! The whole slab is copied (the survivors do not record which regions the
-//! stale copy missed yet). A resync that stops half way (the coordinator
-//! died) leaves `resyncing` copies, which the next resync starts over.
+//! Comparing costs 8 bytes per 4 KiB block from each side (a 256 MiB slab:
+//! 512 KiB), not a read of the slab. A copy whose stored checksums match
+//! but whose data rotted on disk is not found this way; reads and
+//! `volume verify` find that. A resync that stops half way (the coordinator
+//! died) leaves `resyncing` copies, which the next resync starts over,
+//! again copying only what differs.
 
 use crate::meta_service::MetaView;
 use crate::mirror::MirrorVolume;
@@ -27,11 +33,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Bytes copied per step with the volume's I/O paused.
 pub const CHUNK: u64 = 1 << 20;
 
-/// How far the resyncs of one volume are.
+/// How far the resyncs of one volume are: bytes compared of the slabs to
+/// resync, and bytes that had to be copied.
 #[derive(Default, Debug)]
 pub struct Progress {
     pub done: AtomicU64,
     pub total: AtomicU64,
+    pub copied: AtomicU64,
 }
 
 impl Progress {
@@ -79,6 +87,7 @@ pub async fn resync_volume(
     }
     let es = mirror.extent_size();
     progress.done.store(0, Ordering::Relaxed);
+    progress.copied.store(0, Ordering::Relaxed);
     progress
         .total
         .store(slabs.len() as u64 * es, Ordering::Relaxed);
@@ -94,13 +103,19 @@ pub async fn resync_volume(
             let len = CHUNK.min(es - off);
             {
                 let _paused = vol.pause_io().await;
-                mirror.copy_range(slab, off, len, &targets).await?;
+                let n = mirror.copy_range(slab, off, len, &targets).await?;
+                progress.copied.fetch_add(n, Ordering::Relaxed);
             }
             off += len;
             progress.done.fetch_add(len, Ordering::Relaxed);
         }
         mirror.finish_resync(slab, &targets).await?;
-        tracing::info!(volume = %vol.name(), slab, "resync finished: copies current");
+        tracing::info!(
+            volume = %vol.name(),
+            slab,
+            copied_bytes = progress.copied.load(Ordering::Relaxed),
+            "resync finished: copies current"
+        );
         finished += 1;
     }
     Ok(finished)
