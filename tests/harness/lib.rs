@@ -75,6 +75,8 @@ pub struct NodeOptions {
     pub join: Option<SocketAddr>,
     /// `--down-after`, e.g. "1s" (storaged's default: 10s).
     pub down_after: Option<&'static str>,
+    /// `--rebuild-after`, e.g. "3s" (storaged's default: 5m).
+    pub rebuild_after: Option<&'static str>,
     /// `--meta-snapshot-every`: Raft entries between metadata snapshots.
     pub meta_snapshot_every: Option<u64>,
     /// RUST_LOG of the process (default "info").
@@ -93,6 +95,7 @@ impl Default for NodeOptions {
             fault_domain: None,
             join: None,
             down_after: None,
+            rebuild_after: None,
             meta_snapshot_every: None,
             rust_log: None,
         }
@@ -200,6 +203,9 @@ impl Node {
         }
         if let Some(j) = self.opts.join {
             c.arg("--join").arg(j.to_string());
+        }
+        if let Some(r) = self.opts.rebuild_after {
+            c.arg("--rebuild-after").arg(r);
         }
         if let Some(d) = self.opts.down_after {
             c.arg("--down-after").arg(d);

@@ -102,6 +102,18 @@ fn node_ref(name: &str, id: u64) -> String {
     }
 }
 
+/// `s2dctl health`: the state, then what is wrong and what is being repaired.
+pub fn render_health(h: &s2d_proto::v1::HealthResponse) -> String {
+    let mut out = format!("pool {}\n", h.state);
+    for p in &h.problems {
+        out.push_str(&format!("  problem: {p}\n"));
+    }
+    for r in &h.repairs {
+        out.push_str(&format!("  repair:  {r}\n"));
+    }
+    out
+}
+
 pub fn render_status(s: &ClusterStatus) -> String {
     let name_of = |id: u64| {
         s.nodes
@@ -214,6 +226,24 @@ mod tests {
             nbd_address: format!("10.0.0.{id}:10809"),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn health_lists_problems_and_repairs() {
+        let h = s2d_proto::v1::HealthResponse {
+            state: "repairing".into(),
+            problems: vec!["node n3 is down for 12 s".into()],
+            repairs: vec!["volume m: 2 copies resyncing".into()],
+        };
+        assert_eq!(
+            render_health(&h),
+            "pool repairing\n  problem: node n3 is down for 12 s\n  repair:  volume m: 2 copies resyncing\n"
+        );
+        let ok = s2d_proto::v1::HealthResponse {
+            state: "healthy".into(),
+            ..Default::default()
+        };
+        assert_eq!(render_health(&ok), "pool healthy\n");
     }
 
     fn status() -> ClusterStatus {

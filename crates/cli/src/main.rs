@@ -54,6 +54,9 @@ enum Command {
     /// List, drain and retire the cluster's nodes.
     #[command(subcommand)]
     Node(cluster::NodeCmd),
+    /// The pool's state in one screen: healthy, degraded (and why) or
+    /// repairing (and how far); exit status 2 when not healthy.
+    Health,
 }
 
 #[derive(Subcommand, Debug)]
@@ -406,6 +409,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cluster(cmd) => cluster::run_cluster(cmd, ch, ep, cli.json).await?,
         Command::Node(cmd) => cluster::run_node(cmd, ch, ep, cli.json).await?,
+        Command::Health => {
+            let mut c = s2d_proto::v1::cluster_service_client::ClusterServiceClient::new(ch);
+            let h = c
+                .health(s2d_proto::v1::HealthRequest {})
+                .await
+                .map_err(|s| explain(ep, s))?
+                .into_inner();
+            print_as(cli.json, &h, |h| print!("{}", cluster::render_health(h)))?;
+            if h.state != "healthy" {
+                std::process::exit(2);
+            }
+        }
     }
     Ok(())
 }

@@ -115,6 +115,10 @@ pub struct Node {
     /// Address of the node's replication listener.
     #[prost(string, tag = "9")]
     pub replication_address: String,
+    /// When the node was marked down (the leader's clock, ms since the Unix
+    /// epoch); 0 while it is not down.
+    #[prost(uint64, tag = "10")]
+    pub down_since_ms: u64,
 }
 
 /// A disk of a node, carved into fixed-size extents.
@@ -485,6 +489,10 @@ pub struct SetNodeState {
     /// New state.
     #[prost(enumeration = "NodeState", tag = "2")]
     pub state: i32,
+    /// The proposer's wall clock (ms since the Unix epoch) when it decided;
+    /// recorded as the node's `down_since_ms` when the state is `down`.
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
 }
 
 /// Payload of [`Op::AddDisk`].
@@ -824,6 +832,7 @@ impl PoolState {
                 nbd_address: c.nbd_address.clone(),
                 iscsi_address: c.iscsi_address.clone(),
                 replication_address: String::new(),
+                down_since_ms: 0,
             },
         );
         Ok(())
@@ -899,6 +908,11 @@ impl PoolState {
         if node.state == NodeState::Retired as i32 {
             return Err(invalid(format!("node {} is retired", c.node)));
         }
+        node.down_since_ms = match state {
+            NodeState::Down if node.state == NodeState::Down as i32 => node.down_since_ms,
+            NodeState::Down => c.at_ms,
+            _ => 0,
+        };
         node.state = state as i32;
         Ok(())
     }

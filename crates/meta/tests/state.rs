@@ -215,6 +215,7 @@ fn retired_node_is_terminal_and_gets_no_allocations() {
         s.apply(&Command::new(Op::SetNodeState(SetNodeState {
             node: 3,
             state: NodeState::Retired as i32,
+            at_ms: 0,
         })))
         .is_err(),
         "retiring goes through RetireNode, with the Raft removal"
@@ -224,7 +225,8 @@ fn retired_node_is_terminal_and_gets_no_allocations() {
     assert!(
         s.apply(&Command::new(Op::SetNodeState(SetNodeState {
             node: 3,
-            state: NodeState::Up as i32
+            state: NodeState::Up as i32,
+            at_ms: 0,
         })))
         .is_err(),
         "a retired node must stay retired"
@@ -347,6 +349,7 @@ fn takeover_needs_a_down_holder_and_fences_it_with_new_epochs() {
     s.apply(&Command::new(Op::SetNodeState(SetNodeState {
         node: 1,
         state: NodeState::Down as i32,
+        at_ms: 0,
     })))
     .expect("node 1 down");
     assert!(
@@ -411,6 +414,7 @@ fn a_stale_copy_on_a_down_node_is_placed_when_it_is_resynced() {
     s.apply(&Command::new(Op::SetNodeState(SetNodeState {
         node: 3,
         state: NodeState::Down as i32,
+        at_ms: 0,
     })))
     .expect("node 3 down");
     let mut unplaced = replica(3, 3, UNPLACED);
@@ -503,7 +507,11 @@ fn commands_before_init_and_malformed_commands_are_rejected() {
     );
     s.apply(&init()).expect("init");
     s.apply(&add_node(1)).expect("node");
-    let bad = Command::new(Op::SetNodeState(SetNodeState { node: 1, state: 99 }));
+    let bad = Command::new(Op::SetNodeState(SetNodeState {
+        node: 1,
+        state: 99,
+        at_ms: 0,
+    }));
     assert!(
         matches!(s.apply(&bad), Err(Rejection::Malformed(_))),
         "unknown enum value"
@@ -539,8 +547,11 @@ fn arb_command() -> impl Strategy<Value = Command> {
             fault_domain: vec![format!("r{a}")],
             ..Default::default()
         }))),
-        (0u64..5, 0i32..5)
-            .prop_map(|(node, state)| Command::new(Op::SetNodeState(SetNodeState { node, state }))),
+        (0u64..5, 0i32..5).prop_map(|(node, state)| Command::new(Op::SetNodeState(SetNodeState {
+            node,
+            state,
+            at_ms: 7
+        }))),
         (0u64..5, 0u64..5, 0u64..10).prop_map(|(id, node, c)| Command::new(Op::AddDisk(AddDisk {
             id,
             node,

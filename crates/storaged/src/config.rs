@@ -17,6 +17,8 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_EXTENT_SIZE: u64 = 256 << 20;
 /// A node silent this long is marked down.
 pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(10);
+/// A copy on a node down this long is rebuilt on another node.
+pub const DEFAULT_REBUILD_AFTER: Duration = Duration::from_secs(300);
 /// Raft entries between metadata snapshots.
 pub const DEFAULT_META_SNAPSHOT_EVERY: u64 = 1000;
 
@@ -38,6 +40,7 @@ pub struct FileConfig {
     pub down_after: Option<String>,
     pub meta_snapshot_every: Option<u64>,
     pub replication_listen: Option<String>,
+    pub rebuild_after: Option<String>,
 }
 
 /// The flags that can also come from the file.
@@ -58,6 +61,7 @@ pub struct FlagConfig {
     pub down_after: Option<String>,
     pub meta_snapshot_every: Option<u64>,
     pub replication_listen: Option<String>,
+    pub rebuild_after: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +88,8 @@ pub struct Config {
     /// Where other nodes send replica I/O (default: the --listen IP, a
     /// port the system picks; the cluster learns it at every start).
     pub replication_listen: SocketAddr,
+    /// A copy on a node down this long is rebuilt elsewhere.
+    pub rebuild_after: Duration,
 }
 
 /// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
@@ -196,6 +202,17 @@ impl Config {
             Some(a) => parse_addr("--replication-listen", &a)?,
             None => SocketAddr::new(listen.ip(), 0),
         };
+        let rebuild_after = match flags.rebuild_after.or(file.rebuild_after) {
+            Some(s) => humantime::parse_duration(&s).map_err(|e| {
+                anyhow::anyhow!("bad --rebuild-after {s:?}: {e} (use e.g. 5m, 30s)")
+            })?,
+            None => DEFAULT_REBUILD_AFTER,
+        };
+        if rebuild_after < down_after {
+            bail!(
+                "--rebuild-after {rebuild_after:?} is shorter than --down-after {down_after:?}: a node must be down before its copies are rebuilt"
+            );
+        }
         Ok(Config {
             data_dir,
             listen,
@@ -211,6 +228,7 @@ impl Config {
             down_after,
             meta_snapshot_every,
             replication_listen,
+            rebuild_after,
         })
     }
 }

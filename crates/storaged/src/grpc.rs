@@ -987,6 +987,96 @@ impl ClusterService for ControlService {
         Ok(Response::new(self.cluster_status_of(&view)))
     }
 
+    async fn health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let st = &view.state;
+        let now = crate::meta_service::unix_ms();
+        let mut problems = Vec::new();
+        let mut repairs = Vec::new();
+        for n in st.nodes.values() {
+            if n.state == NodeState::Down as i32 {
+                let since = if n.down_since_ms > 0 {
+                    format!(" for {} s", now.saturating_sub(n.down_since_ms) / 1000)
+                } else {
+                    String::new()
+                };
+                problems.push(format!("node {} is down{since}", n.name));
+            }
+        }
+        let name_of = |id: u64| {
+            st.nodes
+                .get(&id)
+                .map_or_else(|| format!("node-{id}"), |n| n.name.clone())
+        };
+        let mut attached = Vec::new();
+        for v in st.volumes.values().filter(|v| v.home_node == 0) {
+            let (mut stale, mut resyncing) = (0, 0);
+            let mut on = std::collections::BTreeSet::new();
+            for s in v.slabs.values() {
+                for r in &s.replicas {
+                    if r.state == ms::ReplicaState::Stale as i32 {
+                        stale += 1;
+                        on.insert(name_of(r.node));
+                    } else if r.state == ms::ReplicaState::Rebuilding as i32 {
+                        resyncing += 1;
+                    }
+                }
+            }
+            if stale > 0 {
+                problems.push(format!(
+                    "volume {}: {stale} stale cop{} (on {}): fewer copies than its resiliency until resynced",
+                    v.name,
+                    if stale == 1 { "y" } else { "ies" },
+                    on.into_iter().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if resyncing > 0 {
+                repairs.push(format!("volume {}: {resyncing} copies resyncing", v.name));
+            }
+            if stale + resyncing > 0
+                && let Some(a) = &v.attachment
+            {
+                attached.push((v.name.clone(), a.node));
+            }
+        }
+        // How far the resyncs are, from the nodes running them.
+        let mut nodes: Vec<u64> = attached.iter().map(|a| a.1).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let statuses = self.statuses(&view, nodes.into_iter()).await;
+        for (name, node) in attached {
+            if let Some(Ok(s)) = statuses.get(&node)
+                && let Some(a) = s
+                    .volumes
+                    .iter()
+                    .find(|a| a.name == name && a.resync_total_bytes > 0)
+                && a.resync_done_bytes < a.resync_total_bytes
+            {
+                repairs.push(format!(
+                    "volume {name}: resync on {} at {} of {} bytes",
+                    name_of(node),
+                    a.resync_done_bytes,
+                    a.resync_total_bytes
+                ));
+            }
+        }
+        let state = if !repairs.is_empty() {
+            "repairing"
+        } else if !problems.is_empty() {
+            "degraded"
+        } else {
+            "healthy"
+        };
+        Ok(Response::new(HealthResponse {
+            state: state.into(),
+            problems,
+            repairs,
+        }))
+    }
+
     async fn list_nodes(
         &self,
         _req: Request<ListNodesRequest>,
@@ -1010,6 +1100,7 @@ impl ClusterService for ControlService {
             .propose(Op::SetNodeState(SetNodeState {
                 node: id,
                 state: NodeState::Maintenance as i32,
+                at_ms: crate::meta_service::unix_ms(),
             }))
             .await
             .map_err(meta_status)?;

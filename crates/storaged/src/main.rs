@@ -94,6 +94,9 @@ struct Cli {
     /// any free port).
     #[arg(long)]
     replication_listen: Option<String>,
+    /// Rebuild the copies of a node down this long on other nodes, e.g. 5m.
+    #[arg(long)]
+    rebuild_after: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         down_after: cli.down_after,
         meta_snapshot_every: cli.meta_snapshot_every,
         replication_listen: cli.replication_listen,
+        rebuild_after: cli.rebuild_after,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -316,6 +320,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         meta: meta.clone(),
         transport,
         local: replicas.clone(),
+        rebuild_after: cfg.rebuild_after,
     }));
     tokio::spawn(follow_metadata(
         meta.clone(),
@@ -511,6 +516,7 @@ fn bootstrap_state(cfg: &Config, catalog: &Catalog, store: &Store) -> meta::stat
             iscsi_address: cfg.iscsi_listen.map_or(String::new(), |a| a.to_string()),
             // Recorded by `register_node` once the listener is bound.
             replication_address: String::new(),
+            down_since_ms: 0,
         },
     );
     for (i, d) in store.status().iter().enumerate() {

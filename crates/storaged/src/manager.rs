@@ -392,15 +392,21 @@ impl Manager {
         Ok(a)
     }
 
-    /// Starts a resync of every mirrored volume that needs one and that
-    /// this node should run: the volumes it serves, and unattached ones for
-    /// which it is the lowest-numbered up node holding a current copy (it
-    /// attaches them for the time of the resync).
+    /// Starts a resync (after giving the copies of nodes down longer than
+    /// `--rebuild-after` new places) of every mirrored volume that needs one
+    /// and that this node should run: the volumes it serves, and unattached
+    /// ones for which it is the lowest-numbered up node holding a current
+    /// copy (it attaches them for the time of the resync).
     pub fn drive_resyncs(self: &Arc<Self>, view: &Arc<crate::meta_service::MetaView>) {
         use meta::state::{NodeState, ReplicaState};
         let Some(c) = self.cluster.get() else { return };
         for v in view.state.volumes.values().filter(|v| v.home_node == 0) {
-            let slabs = crate::resync::slabs_to_resync(view, &v.name);
+            let mut slabs = crate::resync::slabs_to_resync(view, &v.name);
+            slabs.extend(crate::mirror::slabs_to_rebuild(
+                view,
+                &v.name,
+                c.rebuild_after,
+            ));
             let Some(first) = slabs.first().and_then(|n| v.slabs.get(n)) else {
                 continue;
             };

@@ -540,6 +540,7 @@ impl Driver {
                 Command::new(Op::SetNodeState(SetNodeState {
                     node: n.id,
                     state: to as i32,
+                    at_ms: unix_ms(),
                 })),
             ));
         }
@@ -590,6 +591,13 @@ impl Driver {
             .map(|n| n.id)
             .min()
     }
+}
+
+/// The wall clock, in ms since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How many voters a cluster of `nodes` live nodes should have.

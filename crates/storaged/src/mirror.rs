@@ -41,6 +41,39 @@ pub struct MirrorCluster {
     pub meta: MetaHandle,
     pub transport: Arc<dyn Transport>,
     pub local: Arc<ReplicaService>,
+    /// A copy on a node down this long is replaced by one on another node.
+    pub rebuild_after: Duration,
+}
+
+/// Whether node `id` has been down (or is retired, or gone) long enough for
+/// its copies to be rebuilt elsewhere.
+pub fn lost_node(view: &MetaView, id: u64, rebuild_after: Duration) -> bool {
+    match view.state.nodes.get(&id) {
+        None => true,
+        Some(n) if n.state == NodeState::Retired as i32 => true,
+        Some(n) if n.state == NodeState::Down as i32 => {
+            n.down_since_ms > 0
+                && crate::meta_service::unix_ms().saturating_sub(n.down_since_ms)
+                    >= rebuild_after.as_millis() as u64
+        }
+        Some(_) => false,
+    }
+}
+
+/// Slabs of `name` with a copy on a lost node (see [`lost_node`]).
+pub fn slabs_to_rebuild(view: &MetaView, name: &str, rebuild_after: Duration) -> Vec<u64> {
+    let Some(v) = view.state.volumes.get(name) else {
+        return Vec::new();
+    };
+    v.slabs
+        .iter()
+        .filter(|(_, s)| {
+            s.replicas
+                .iter()
+                .any(|r| lost_node(view, r.node, rebuild_after))
+        })
+        .map(|(n, _)| *n)
+        .collect()
 }
 
 /// One replica as a request sees it.
@@ -148,9 +181,106 @@ impl MirrorVolume {
         })
     }
 
+    /// See [`MirrorCluster::rebuild_after`].
+    pub fn rebuild_after(&self) -> Duration {
+        self.cluster.rebuild_after
+    }
+
+    /// The applied metadata now.
+    pub fn view(&self) -> Arc<MetaView> {
+        self.cluster.meta.view()
+    }
+
     /// Bytes per slab.
     pub fn extent_size(&self) -> u64 {
         self.cluster.local.extent_size()
+    }
+
+    /// Replaces the copies of a slab that live on lost nodes with new,
+    /// still empty, stale copies on other up nodes (placement's choice),
+    /// through Raft at epoch + 1; a resync then fills them. Returns whether
+    /// it changed the slab.
+    pub async fn replace_lost(&self, slab: u64) -> Result<bool, BlockError> {
+        for _ in 0..EPOCH_RETRIES {
+            let view = self.cluster.meta.view();
+            let Some(v) = view.state.volumes.get(&self.name) else {
+                return Ok(false);
+            };
+            let Some(old) = v.slabs.get(&slab) else {
+                return Ok(false);
+            };
+            let lost = |r: &Replica| lost_node(&view, r.node, self.cluster.rebuild_after);
+            if !old.replicas.iter().any(lost) {
+                return Ok(false);
+            }
+            let kept: Vec<Replica> = old.replicas.iter().filter(|r| !lost(r)).cloned().collect();
+            if !kept.iter().any(|r| r.state == ReplicaState::Current as i32) {
+                return Err(io(format!(
+                    "slab {slab} of {}: no current copy left to rebuild from",
+                    self.name
+                )));
+            }
+            let mut chosen: Vec<u64> = kept.iter().map(|r| r.node).collect();
+            let preferred = crate::grpc::mirror_nodes(&view, self.copies, self.cluster.this)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, _)| n);
+            let others = view
+                .state
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Up as i32 && !n.replication_address.is_empty())
+                .map(|n| n.id);
+            let mut replicas = kept.clone();
+            for n in preferred.chain(others) {
+                if replicas.len() >= self.copies {
+                    break;
+                }
+                if chosen.contains(&n) {
+                    continue;
+                }
+                chosen.push(n);
+                replicas.push(Replica {
+                    node: n,
+                    disk: 0,
+                    extent: UNPLACED,
+                    state: ReplicaState::Stale as i32,
+                });
+            }
+            if replicas.len() < self.copies {
+                // Not enough nodes: keep the lost copies' places for now.
+                return Ok(false);
+            }
+            tracing::warn!(
+                volume = %self.name,
+                slab,
+                lost = ?old.replicas.iter().filter(|r| lost(r)).map(|r| r.node).collect::<Vec<_>>(),
+                new = ?replicas.iter().filter(|r| r.extent == UNPLACED).map(|r| r.node).collect::<Vec<_>>(),
+                "rebuilding copies of lost nodes elsewhere"
+            );
+            match self
+                .cluster
+                .meta
+                .propose(Op::AllocateSlab(AllocateSlab {
+                    volume: self.name.clone(),
+                    slab,
+                    replicas,
+                    epoch: old.epoch + 1,
+                }))
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(MetaError::Rejected(r)) => {
+                    tracing::debug!(volume = %self.name, slab, reason = %r, "replacement refused; looking again");
+                    self.newer_than(old.epoch, slab).await;
+                }
+                Err(e) => return Err(Self::meta_err(e)),
+            }
+        }
+        Err(io(format!(
+            "slab {slab} of {} kept changing epoch",
+            self.name
+        )))
     }
 
     /// Step 1 of a resync (see `crate::resync`): the stale copies on up

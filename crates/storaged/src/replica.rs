@@ -12,8 +12,10 @@
 //!   coordinator fenced by a replica-set change or a takeover cannot write.
 //! - An extent is released only when the metadata this node has applied
 //!   says its volume was deleted (the volume's id is below the next id and
-//!   the volume is gone) or its slab lies past the volume's end; an extent
-//!   of a volume this node has not heard of yet is kept.
+//!   the volume is gone), its slab lies past the volume's end, or the slab
+//!   is recorded and no longer lists this node (its copy was rebuilt
+//!   elsewhere); an extent of a volume or slab this node has not heard of
+//!   yet is kept.
 //! - A write with `fua` is durable on this node's disk before the reply.
 
 use crate::meta_service::{MetaHandle, MetaView};
@@ -224,7 +226,12 @@ impl ReplicaService {
         for (volume, slab) in keys {
             let gone = match by_id.get(&volume) {
                 None => volume < view.state.next_volume_id,
-                Some(v) => slab >= v.size_bytes.div_ceil(es),
+                Some(v) if slab >= v.size_bytes.div_ceil(es) => true,
+                // The slab's copies moved to other nodes (a rebuild).
+                Some(v) => v
+                    .slabs
+                    .get(&slab)
+                    .is_some_and(|s| !s.replicas.iter().any(|r| r.node == view.this)),
             };
             if gone {
                 tracing::info!(volume, slab, "releasing the copy of a deleted slab");

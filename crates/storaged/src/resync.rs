@@ -81,7 +81,13 @@ pub async fn resync_volume(
     progress: &Progress,
     view: &MetaView,
 ) -> Result<usize, BlockError> {
-    let slabs = slabs_to_resync(view, vol.name());
+    // First give the copies of lost nodes new places: they become stale
+    // copies that the resync below fills.
+    for slab in crate::mirror::slabs_to_rebuild(view, vol.name(), mirror.rebuild_after()) {
+        mirror.replace_lost(slab).await?;
+    }
+    let view = mirror.view();
+    let slabs = slabs_to_resync(&view, vol.name());
     if slabs.is_empty() {
         return Ok(0);
     }

@@ -1,0 +1,184 @@
+//! Repair of mirrored volumes on a real local cluster: copies on a node
+//! that stays down past `--rebuild-after` are rebuilt on other nodes from
+//! the surviving copies, `s2dctl health` says what is wrong meanwhile, and
+//! the returning node gives its now unused copies back.
+
+use harness::NodeOptions;
+use harness::cluster::{Cluster, small_node};
+use harness::nbd::NbdClient;
+use serde_json::Value;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// Every (slab, node name, state) of a volume, from `volume show --json`.
+fn copies(c: &Cluster, i: usize, name: &str) -> Result<Vec<(u64, String, String)>, String> {
+    let v: Value = c.try_json(i, &["volume", "show", name])?;
+    let mut out = Vec::new();
+    for s in v["slabs"].as_array().ok_or("no slabs in volume show")? {
+        let slab = s["slab"].as_u64().ok_or("slab without a number")?;
+        for r in s["replicas"].as_array().ok_or("slab without replicas")? {
+            out.push((
+                slab,
+                r["node"].as_str().unwrap_or_default().to_string(),
+                r["state"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn health(c: &Cluster, i: usize) -> (Option<i32>, String) {
+    let o = c.ctl(i, &["health"]);
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn copies_of_a_node_down_past_rebuild_after_are_rebuilt_elsewhere_and_the_node_gives_its_back() {
+    let mut c = Cluster::start_with(
+        4,
+        NodeOptions {
+            down_after: Some("1s"),
+            rebuild_after: Some("3s"),
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "r",
+            "--size",
+            "32MiB",
+            "--resiliency",
+            "mirror-3",
+        ],
+    );
+    let pattern = |k: u64| vec![(0x30 + k) as u8; MIB as usize];
+    {
+        let mut h = NbdClient::connect(c.node(1).nbd, "r")
+            .unwrap_or_else(|e| panic!("NBD open on node 1: {e}\n{}", c.logs(&[1])));
+        for k in 0..12 {
+            h.write(k * MIB, &pattern(k), false)
+                .unwrap_or_else(|e| panic!("write {k} MiB on node 1: {e:?}"));
+        }
+        h.flush().expect("flush on node 1");
+        h.disconnect();
+    }
+    let (code, text) = health(&c, 1);
+    assert_eq!(code, Some(0), "a fresh cluster should be healthy: {text}");
+
+    // A node (not node 1) that holds copies goes away for good.
+    let before = copies(&c, 1, "r").expect("volume show");
+    let victim_name = before
+        .iter()
+        .map(|(_, n, _)| n.clone())
+        .find(|n| n != "n1")
+        .expect("a copy on a node other than n1");
+    let victim = c.index_of_name(&victim_name).expect("victim index");
+    let held = before.iter().filter(|(_, n, _)| *n == victim_name).count();
+    c.kill9(victim);
+
+    c.wait_for("health to report the node down", secs(10), |c| {
+        let (code, text) = health(c, 1);
+        if code == Some(2) && text.contains(&format!("node {victim_name} is down")) {
+            Ok(())
+        } else {
+            Err(format!("exit {code:?}: {text}"))
+        }
+    });
+    let t0 = std::time::Instant::now();
+    c.wait_for("the lost copies to be rebuilt elsewhere", secs(40), |c| {
+        let now = copies(c, 1, "r")?;
+        let on_victim = now.iter().filter(|(_, n, _)| *n == victim_name).count();
+        let not_current = now.iter().filter(|(_, _, s)| s != "current").count();
+        if on_victim == 0 && not_current == 0 && now.len() == before.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{on_victim} copies still on {victim_name}, {not_current} not current: {now:?}"
+            ))
+        }
+    });
+    eprintln!(
+        "{held} copies of {victim_name} rebuilt on other nodes, {:?} after health saw it down",
+        t0.elapsed()
+    );
+    let after = copies(&c, 1, "r").expect("volume show");
+    for slab in after.iter().map(|(s, _, _)| *s) {
+        let mut nodes: Vec<&String> = after
+            .iter()
+            .filter(|(s, _, _)| *s == slab)
+            .map(|(_, n, _)| n)
+            .collect();
+        let n = nodes.len();
+        nodes.sort();
+        nodes.dedup();
+        assert_eq!(
+            nodes.len(),
+            n,
+            "slab {slab} has two copies on one node: {after:?}"
+        );
+        assert_eq!(n, 3, "slab {slab} does not have 3 copies: {after:?}");
+    }
+    let o = c.ctl(2, &["volume", "verify", "r"]);
+    assert!(
+        o.status.success(),
+        "verify after the rebuild: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let reader = if victim == 2 { 3 } else { 2 };
+    // The node that ran the rebuild served the volume meanwhile; it lets go
+    // a moment after.
+    c.wait_for("the rebuilding node to let the volume go", secs(10), |c| {
+        let v: Value = c.try_json(1, &["volume", "show", "r"])?;
+        match v["attached_to"].as_str() {
+            Some("") | None => Ok(()),
+            Some(n) => Err(format!("attached to {n}")),
+        }
+    });
+    {
+        let mut h = NbdClient::connect(c.node(reader).nbd, "r")
+            .unwrap_or_else(|e| panic!("NBD open on node {reader}: {e}"));
+        for k in 0..12 {
+            let got = h
+                .read(k * MIB, MIB as u32)
+                .unwrap_or_else(|e| panic!("read {k} MiB on node {reader}: {e:?}"));
+            assert!(got == pattern(k), "MiB {k} reads wrong after the rebuild");
+        }
+        h.disconnect();
+    }
+
+    // The node comes back: it holds no copy any more and frees its extents.
+    c.restart(victim);
+    c.wait_for("the returned node to give its copies back", secs(20), |c| {
+        let p: Value = c.try_json(1, &["pool", "status"])?;
+        let used = p["nodes"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["name"] == victim_name.as_str()))
+            .and_then(|n| n["used_bytes"].as_u64())
+            .ok_or("no used_bytes for the node")?;
+        if used == 0 {
+            Ok(())
+        } else {
+            Err(format!("{victim_name} still uses {used} bytes"))
+        }
+    });
+    c.wait_for("health to be back to healthy", secs(15), |c| {
+        let (code, text) = health(c, 1);
+        if code == Some(0) && text.starts_with("pool healthy") {
+            Ok(())
+        } else {
+            Err(format!("exit {code:?}: {text}"))
+        }
+    });
+}
