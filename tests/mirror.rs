@@ -1131,3 +1131,28 @@ fn a_paused_coordinator_is_fenced_after_another_node_takes_the_volume_over() {
     }
     verify_identical(&c, 2, "fence");
 }
+
+// ---- resize ---------------------------------------------------------------
+
+#[test]
+fn a_mirror_shrunk_inside_a_slab_and_grown_again_reads_zeros_past_the_old_end() {
+    if !have("qemu-io") {
+        eprintln!("skipping: qemu-io is missing (apt-get install qemu-utils)");
+        return;
+    }
+    let mut c = three_nodes(None);
+    create_mirror(&c, 1, "shrink", "16MiB", "mirror-2");
+    let uri1 = format!("nbd://{}/shrink", c.node(1).nbd);
+    qemu_io_ok(&c, &uri1, &["write -P 0x44 0 8M"]);
+    wait_detached(&mut c, 1, "shrink");
+    c.ctl_ok(1, &["volume", "resize", "shrink", "--size", "5MiB"]);
+    c.ctl_ok(2, &["volume", "resize", "shrink", "--size", "16MiB"]);
+    let uri2 = format!("nbd://{}/shrink", c.node(2).nbd);
+    qemu_io_ok(
+        &c,
+        &uri2,
+        &["read -P 0x44 0 5M", "read -P 0 5M 3M", "read -P 0 8M 8M"],
+    );
+    wait_detached(&mut c, 2, "shrink");
+    verify_identical(&c, 3, "shrink");
+}

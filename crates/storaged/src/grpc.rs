@@ -646,6 +646,7 @@ impl VolumeService for ControlService {
             .await
             .map_err(meta_status)?;
         self.sync_local(&view).await;
+        self.trim_mirror_tail(&view, &r.name).await;
         tracing::info!(volume = %r.name, size = r.size_bytes, "volume resized");
         Ok(Response::new(self.show(&view, &r.name).await?))
     }
@@ -700,6 +701,73 @@ impl VolumeService for ControlService {
         self.sync_local(&view).await;
         tracing::info!(volume = %r.name, chap = mode, "volume CHAP changed");
         Ok(Response::new(self.show(&view, &r.name).await?))
+    }
+}
+
+impl ControlService {
+    /// After a mirrored volume shrank to a size inside a slab, the copies
+    /// of that slab forget the blocks past the new end (trimmed), so they
+    /// read as zeros if the volume grows again. A copy that misses the
+    /// trim is stale or becomes so; resync compares checksums, so holes
+    /// propagate.
+    async fn trim_mirror_tail(&self, view: &MetaView, name: &str) {
+        let Some(v) = view.state.volumes.get(name).filter(|v| v.home_node == 0) else {
+            return;
+        };
+        let es = self.manager.store().extent_size();
+        let Some(c) = self.manager.cluster() else {
+            return;
+        };
+        if v.size_bytes.is_multiple_of(es) {
+            return;
+        }
+        let slab = v.size_bytes / es;
+        let Some(s) = v.slabs.get(&slab) else {
+            return;
+        };
+        let off = (v.size_bytes % es).div_ceil(block_api::BLOCK_SIZE as u64)
+            * block_api::BLOCK_SIZE as u64;
+        if off >= es {
+            return;
+        }
+        for r in s
+            .replicas
+            .iter()
+            .filter(|r| r.state != ms::ReplicaState::Stale as i32)
+        {
+            let req = replication::Request::Trim {
+                volume: v.id,
+                slab,
+                epoch: s.epoch,
+                offset: off,
+                len: es - off,
+            };
+            let ok = if r.node == view.this {
+                matches!(c.local.serve(req).await, replication::Response::Ok)
+            } else if let Some(a) = view
+                .state
+                .nodes
+                .get(&r.node)
+                .and_then(|n| n.replication_address.parse::<std::net::SocketAddr>().ok())
+            {
+                matches!(
+                    c.transport
+                        .call(a, req, crate::mirror::REPLICA_TIMEOUT)
+                        .await,
+                    Ok(replication::Response::Ok)
+                )
+            } else {
+                false
+            };
+            if !ok {
+                tracing::warn!(
+                    volume = name,
+                    slab,
+                    node = r.node,
+                    "could not trim the tail past the new end on a copy"
+                );
+            }
+        }
     }
 }
 
