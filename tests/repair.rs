@@ -182,3 +182,98 @@ fn copies_of_a_node_down_past_rebuild_after_are_rebuilt_elsewhere_and_the_node_g
         }
     });
 }
+
+#[test]
+fn repair_start_rebuilds_a_down_nodes_copies_now_and_repair_status_follows_it() {
+    let mut c = Cluster::start_with(
+        4,
+        NodeOptions {
+            down_after: Some("1s"),
+            rebuild_after: Some("10m"),
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "q",
+            "--size",
+            "16MiB",
+            "--resiliency",
+            "mirror-2",
+        ],
+    );
+    {
+        let mut h = NbdClient::connect(c.node(1).nbd, "q")
+            .unwrap_or_else(|e| panic!("NBD open on node 1: {e}\n{}", c.logs(&[1])));
+        for k in 0..8 {
+            h.write(k * MIB, &[0x70 + k as u8; MIB as usize], false)
+                .unwrap_or_else(|e| panic!("write: {e:?}"));
+        }
+        h.flush().expect("flush");
+        h.disconnect();
+    }
+    let list = c.ctl_ok(1, &["repair", "list"]);
+    assert!(
+        list.contains("no repairs"),
+        "a healthy volume lists no repair: {list}"
+    );
+    let before = copies(&c, 1, "q").expect("volume show");
+    let victim_name = before
+        .iter()
+        .map(|(_, n, _)| n.clone())
+        .find(|n| n != "n1")
+        .expect("a copy off node 1");
+    let victim = c.index_of_name(&victim_name).expect("victim index");
+    c.kill9(victim);
+    c.wait_for("the victim to be down", secs(10), |c| {
+        let (code, text) = health(c, 1);
+        if text.contains(&format!("node {victim_name} is down")) {
+            Ok(())
+        } else {
+            Err(format!("exit {code:?}: {text}"))
+        }
+    });
+    // Nothing happens by itself before --rebuild-after (10 min)...
+    std::thread::sleep(secs(3));
+    let v: Value = c.ctl_json(1, &["repair", "status", "q"]);
+    assert_eq!(v["state"], "waiting", "before repair start: {v}");
+    assert!(
+        v["waiting_for"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&victim_name),
+        "the repair should say it waits for {victim_name}: {v}"
+    );
+    // ...until an operator asks.
+    let started = c.ctl_ok(1, &["repair", "start", "--volume", "q"]);
+    assert!(
+        started.contains('q'),
+        "repair start lists the volume: {started}"
+    );
+    c.wait_for("the repair to finish", secs(30), |c| {
+        let v: Value = c.try_json(1, &["repair", "status", "q"])?;
+        let now = copies(c, 1, "q")?;
+        let on_victim = now.iter().filter(|(_, n, _)| *n == victim_name).count();
+        let all_current = now.iter().all(|(_, _, s)| s == "current");
+        if v["state"] == "done" && on_victim == 0 && all_current {
+            Ok(())
+        } else {
+            Err(format!("status {v}, copies {now:?}"))
+        }
+    });
+    let v: Value = c.ctl_json(1, &["repair", "status", "q"]);
+    assert!(
+        v["copied_bytes"].as_u64().unwrap_or(0) > 0 && v["done_bytes"] == v["total_bytes"],
+        "the finished repair reports what it did: {v}"
+    );
+    let o = c.ctl(1, &["volume", "verify", "q"]);
+    assert!(
+        o.status.success(),
+        "verify after repair start: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

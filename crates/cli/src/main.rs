@@ -7,6 +7,7 @@
 
 mod cluster;
 mod pool;
+mod repair;
 mod table;
 mod volume;
 
@@ -57,6 +58,9 @@ enum Command {
     /// The pool's state in one screen: healthy, degraded (and why) or
     /// repairing (and how far); exit status 2 when not healthy.
     Health,
+    /// Resyncs and rebuilds of mirrored volumes: list, status, start now.
+    #[command(subcommand)]
+    Repair(repair::RepairCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -409,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cluster(cmd) => cluster::run_cluster(cmd, ch, ep, cli.json).await?,
         Command::Node(cmd) => cluster::run_node(cmd, ch, ep, cli.json).await?,
+        Command::Repair(cmd) => repair::run_repair(cmd, ch, ep, cli.json).await?,
         Command::Health => {
             let mut c = s2d_proto::v1::cluster_service_client::ClusterServiceClient::new(ch);
             let h = c

@@ -41,6 +41,7 @@ pub struct FileConfig {
     pub meta_snapshot_every: Option<u64>,
     pub replication_listen: Option<String>,
     pub rebuild_after: Option<String>,
+    pub repair_bandwidth: Option<String>,
 }
 
 /// The flags that can also come from the file.
@@ -62,6 +63,7 @@ pub struct FlagConfig {
     pub meta_snapshot_every: Option<u64>,
     pub replication_listen: Option<String>,
     pub rebuild_after: Option<String>,
+    pub repair_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +92,8 @@ pub struct Config {
     pub replication_listen: SocketAddr,
     /// A copy on a node down this long is rebuilt elsewhere.
     pub rebuild_after: Duration,
+    /// Bytes per second one resync may copy (None: no limit).
+    pub repair_bandwidth: Option<u64>,
 }
 
 /// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
@@ -213,6 +217,12 @@ impl Config {
                 "--rebuild-after {rebuild_after:?} is shorter than --down-after {down_after:?}: a node must be down before its copies are rebuilt"
             );
         }
+        let repair_bandwidth = flags
+            .repair_bandwidth
+            .or(file.repair_bandwidth)
+            .map(|s| parse_size("repair bandwidth", s.trim_end_matches("/s")))
+            .transpose()?
+            .filter(|b| *b > 0);
         Ok(Config {
             data_dir,
             listen,
@@ -229,6 +239,7 @@ impl Config {
             meta_snapshot_every,
             replication_listen,
             rebuild_after,
+            repair_bandwidth,
         })
     }
 }

@@ -41,7 +41,7 @@ pub struct ControlService {
 }
 
 /// What the nodes asked said about themselves, by node id.
-type Statuses = HashMap<u64, Result<LocalStatusResponse, String>>;
+pub(crate) type Statuses = HashMap<u64, Result<LocalStatusResponse, String>>;
 
 fn status(e: ManagerError) -> Status {
     let msg = e.to_string();
@@ -183,6 +183,14 @@ fn find_node<'a>(view: &'a MetaView, key: &str) -> Result<&'a ms::Node, Status> 
 }
 
 impl ControlService {
+    pub(crate) fn meta(&self) -> &MetaHandle {
+        &self.meta
+    }
+
+    pub(crate) fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
     pub fn new(manager: Arc<Manager>, meta: MetaHandle) -> ControlService {
         ControlService {
             manager,
@@ -200,7 +208,11 @@ impl ControlService {
 
     /// Asks each of `nodes` for its local status, concurrently; this node
     /// answers itself.
-    async fn statuses(&self, view: &MetaView, nodes: impl Iterator<Item = u64>) -> Statuses {
+    pub(crate) async fn statuses(
+        &self,
+        view: &MetaView,
+        nodes: impl Iterator<Item = u64>,
+    ) -> Statuses {
         let mut out = Statuses::new();
         let mut asks = Vec::new();
         for id in nodes {
@@ -1081,11 +1093,19 @@ impl ClusterService for ControlService {
         };
         let mut attached = Vec::new();
         for v in st.volumes.values().filter(|v| v.home_node == 0) {
-            let (mut stale, mut resyncing) = (0, 0);
+            let (mut stale, mut resyncing, mut down) = (0, 0, 0);
             let mut on = std::collections::BTreeSet::new();
+            let mut down_on = std::collections::BTreeSet::new();
             for s in v.slabs.values() {
                 for r in &s.replicas {
-                    if r.state == ms::ReplicaState::Stale as i32 {
+                    let node_down = st
+                        .nodes
+                        .get(&r.node)
+                        .is_none_or(|n| n.state != NodeState::Up as i32);
+                    if r.state == ms::ReplicaState::Current as i32 && node_down {
+                        down += 1;
+                        down_on.insert(name_of(r.node));
+                    } else if r.state == ms::ReplicaState::Stale as i32 {
                         stale += 1;
                         on.insert(name_of(r.node));
                     } else if r.state == ms::ReplicaState::Rebuilding as i32 {
@@ -1099,6 +1119,14 @@ impl ClusterService for ControlService {
                     v.name,
                     if stale == 1 { "y" } else { "ies" },
                     on.into_iter().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            if down > 0 {
+                problems.push(format!(
+                    "volume {}: {down} cop{} on down nodes ({})",
+                    v.name,
+                    if down == 1 { "y" } else { "ies" },
+                    down_on.into_iter().collect::<Vec<_>>().join(", ")
                 ));
             }
             if resyncing > 0 {

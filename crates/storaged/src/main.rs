@@ -22,6 +22,7 @@ mod manager;
 mod meta_service;
 mod mirror;
 mod peer;
+mod repair_api;
 mod replica;
 mod resync;
 mod volume;
@@ -97,6 +98,10 @@ struct Cli {
     /// Rebuild the copies of a node down this long on other nodes, e.g. 5m.
     #[arg(long)]
     rebuild_after: Option<String>,
+    /// Most bytes per second one resync or rebuild copies, e.g. 200MiB
+    /// (default: no limit).
+    #[arg(long)]
+    repair_bandwidth: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -216,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         meta_snapshot_every: cli.meta_snapshot_every,
         replication_listen: cli.replication_listen,
         rebuild_after: cli.rebuild_after,
+        repair_bandwidth: cli.repair_bandwidth,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -321,6 +327,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         transport,
         local: replicas.clone(),
         rebuild_after: cfg.rebuild_after,
+        repair_bandwidth: cfg.repair_bandwidth,
     }));
     tokio::spawn(follow_metadata(
         meta.clone(),
@@ -338,7 +345,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(grpc::VolumeServiceServer::new(control.clone()))
             .add_service(grpc::PoolServiceServer::new(control.clone()))
-            .add_service(grpc::ClusterServiceServer::new(control))
+            .add_service(grpc::ClusterServiceServer::new(control.clone()))
+            .add_service(repair_api::RepairServiceServer::new(control))
             .add_service(
                 peer::PeerServiceServer::new(peers)
                     .max_decoding_message_size(peer::PEER_MESSAGE_MAX)

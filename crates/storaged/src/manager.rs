@@ -93,6 +93,9 @@ pub struct Manager {
     /// handles are all dropped is detached after a grace period.
     mirrors: std::sync::Mutex<HashMap<String, Weak<Attached>>>,
     resyncs: Arc<crate::resync::Running>,
+    /// How far the last resync of each mirrored volume run here got; kept
+    /// after the volume is let go, for `s2dctl repair status`.
+    progress: std::sync::Mutex<HashMap<String, Arc<crate::resync::Progress>>>,
     /// One attach at a time, so two clients opening a volume at once do
     /// not both propose the attachment.
     attaching: Mutex<()>,
@@ -241,6 +244,7 @@ impl Manager {
             cluster: std::sync::OnceLock::new(),
             mirrors: std::sync::Mutex::new(HashMap::new()),
             resyncs: Arc::default(),
+            progress: Default::default(),
             attaching: Mutex::new(()),
         })
     }
@@ -377,10 +381,17 @@ impl Manager {
             mv.clone(),
             v.slabs.keys().copied(),
         );
+        let progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
         let a = Arc::new(Attached {
             vol,
             mirror: mv,
-            progress: Arc::default(),
+            progress,
             manager: Arc::downgrade(self),
             node: c.this,
         });
@@ -431,31 +442,51 @@ impl Manager {
             if !mine {
                 continue;
             }
-            let Some(guard) = self.resyncs.start(&v.name) else {
-                continue;
-            };
-            let m = self.clone();
-            let name = v.name.clone();
-            let meta = c.meta.clone();
-            tokio::spawn(async move {
-                let _running = guard;
-                let a = match m.attach(&name).await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::debug!(volume = %name, error = %e, "resync not started");
-                        return;
-                    }
-                };
-                let view = meta.view();
-                match crate::resync::resync_volume(&a.vol, &a.mirror, &a.progress, &view).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(volume = %name, slabs = n, "resync complete"),
-                    Err(e) => {
-                        tracing::warn!(volume = %name, error = %e, "resync stopped; it starts over later")
-                    }
-                }
-            });
+            self.start_repair(&v.name, c.rebuild_after);
         }
+    }
+
+    /// Runs the repair of a mirrored volume here, in the background:
+    /// attaches it (unless it is attached here already), rebuilds the
+    /// copies of nodes down longer than `rebuild_after`, resyncs stale
+    /// copies. False when one is running already.
+    pub fn start_repair(self: &Arc<Self>, name: &str, rebuild_after: std::time::Duration) -> bool {
+        let Some(c) = self.cluster.get().cloned() else {
+            return false;
+        };
+        let Some(guard) = self.resyncs.start(name) else {
+            return false;
+        };
+        let m = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let _running = guard;
+            let a = match m.attach(&name).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(volume = %name, error = %e, "repair not started");
+                    return;
+                }
+            };
+            let view = c.meta.view();
+            let r = crate::resync::resync_volume(
+                &a.vol,
+                &a.mirror,
+                &a.progress,
+                &view,
+                rebuild_after,
+                c.repair_bandwidth,
+            )
+            .await;
+            match r {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(volume = %name, slabs = n, "resync complete"),
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "resync stopped; it starts over later")
+                }
+            }
+        });
+        true
     }
 
     /// Releases the attachment of `name` if no client has it open.
@@ -634,19 +665,26 @@ impl Manager {
                 ..Default::default()
             })
             .collect();
-        let mirrors: Vec<Arc<Attached>> = self
-            .mirrors
+        let progress: Vec<(String, Arc<crate::resync::Progress>)> = self
+            .progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(Weak::upgrade)
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone()))
             .collect();
-        for a in mirrors {
-            let (done, total) = a.progress.get();
+        for (name, p) in progress {
+            let (done, total) = p.get();
+            if total == 0 {
+                continue;
+            }
+            use std::sync::atomic::Ordering::Relaxed;
             out.push(s2d_proto::v1::VolumeAllocation {
-                name: a.vol.name().to_string(),
+                name,
                 resync_done_bytes: done,
                 resync_total_bytes: total,
+                resync_copied_bytes: p.copied.load(Relaxed),
+                resync_started_ms: p.started_ms.load(Relaxed),
+                resync_running: p.running.load(Relaxed),
                 ..Default::default()
             });
         }

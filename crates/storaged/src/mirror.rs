@@ -43,6 +43,8 @@ pub struct MirrorCluster {
     pub local: Arc<ReplicaService>,
     /// A copy on a node down this long is replaced by one on another node.
     pub rebuild_after: Duration,
+    /// Bytes per second a resync on this node may copy (None: no limit).
+    pub repair_bandwidth: Option<u64>,
 }
 
 /// Whether node `id` has been down (or is retired, or gone) long enough for
@@ -181,11 +183,6 @@ impl MirrorVolume {
         })
     }
 
-    /// See [`MirrorCluster::rebuild_after`].
-    pub fn rebuild_after(&self) -> Duration {
-        self.cluster.rebuild_after
-    }
-
     /// The applied metadata now.
     pub fn view(&self) -> Arc<MetaView> {
         self.cluster.meta.view()
@@ -200,7 +197,11 @@ impl MirrorVolume {
     /// still empty, stale copies on other up nodes (placement's choice),
     /// through Raft at epoch + 1; a resync then fills them. Returns whether
     /// it changed the slab.
-    pub async fn replace_lost(&self, slab: u64) -> Result<bool, BlockError> {
+    pub async fn replace_lost(
+        &self,
+        slab: u64,
+        rebuild_after: Duration,
+    ) -> Result<bool, BlockError> {
         for _ in 0..EPOCH_RETRIES {
             let view = self.cluster.meta.view();
             let Some(v) = view.state.volumes.get(&self.name) else {
@@ -209,7 +210,7 @@ impl MirrorVolume {
             let Some(old) = v.slabs.get(&slab) else {
                 return Ok(false);
             };
-            let lost = |r: &Replica| lost_node(&view, r.node, self.cluster.rebuild_after);
+            let lost = |r: &Replica| lost_node(&view, r.node, rebuild_after);
             if !old.replicas.iter().any(lost) {
                 return Ok(false);
             }

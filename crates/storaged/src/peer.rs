@@ -79,6 +79,19 @@ pub async fn local_status(
     }
 }
 
+/// Asks the node at `address` to run the repair of `volume` now.
+pub async fn run_repair(address: &str, volume: &str) -> Result<(), String> {
+    let mut c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
+    let req = StartRepairRequest {
+        volume: volume.to_string(),
+    };
+    match tokio::time::timeout(STATUS_TIMEOUT, c.run_repair(req)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err(format!("no answer within {STATUS_TIMEOUT:?}")),
+    }
+}
+
 /// Joins the cluster that the node at `target` belongs to. Retries what
 /// may pass later (no leader yet, a membership change in progress, the
 /// node not up yet) for up to `patience`; a refusal is final.
@@ -268,6 +281,25 @@ impl PeerService for Peers {
             ..Default::default()
         };
         Ok(Response::new(peers(id, Some(me))))
+    }
+
+    async fn run_repair(
+        &self,
+        req: Request<StartRepairRequest>,
+    ) -> Result<Response<StartRepairResponse>, Status> {
+        let name = req.into_inner().volume;
+        let view = self.meta.view();
+        match view.state.volumes.get(&name) {
+            Some(v) if v.home_node == 0 => {}
+            Some(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {name} is simple: it has no repairs"
+                )));
+            }
+            None => return Err(Status::not_found(format!("volume {name} not found"))),
+        }
+        self.manager.start_repair(&name, std::time::Duration::ZERO);
+        Ok(Response::new(StartRepairResponse::default()))
     }
 
     async fn local_status(

@@ -40,6 +40,9 @@ pub struct Progress {
     pub done: AtomicU64,
     pub total: AtomicU64,
     pub copied: AtomicU64,
+    /// When the last resync started (ms since the Unix epoch).
+    pub started_ms: AtomicU64,
+    pub running: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -48,6 +51,15 @@ impl Progress {
             self.done.load(Ordering::Relaxed),
             self.total.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Marks a progress running until dropped.
+struct RunningMark<'a>(&'a Progress);
+
+impl Drop for RunningMark<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Relaxed);
     }
 }
 
@@ -80,11 +92,13 @@ pub async fn resync_volume(
     mirror: &MirrorVolume,
     progress: &Progress,
     view: &MetaView,
+    rebuild_after: std::time::Duration,
+    bandwidth: Option<u64>,
 ) -> Result<usize, BlockError> {
     // First give the copies of lost nodes new places: they become stale
     // copies that the resync below fills.
-    for slab in crate::mirror::slabs_to_rebuild(view, vol.name(), mirror.rebuild_after()) {
-        mirror.replace_lost(slab).await?;
+    for slab in crate::mirror::slabs_to_rebuild(view, vol.name(), rebuild_after) {
+        mirror.replace_lost(slab, rebuild_after).await?;
     }
     let view = mirror.view();
     let slabs = slabs_to_resync(&view, vol.name());
@@ -94,6 +108,12 @@ pub async fn resync_volume(
     let es = mirror.extent_size();
     progress.done.store(0, Ordering::Relaxed);
     progress.copied.store(0, Ordering::Relaxed);
+    progress
+        .started_ms
+        .store(crate::meta_service::unix_ms(), Ordering::Relaxed);
+    progress.running.store(true, Ordering::Relaxed);
+    let _mark = RunningMark(progress);
+    let started = std::time::Instant::now();
     progress
         .total
         .store(slabs.len() as u64 * es, Ordering::Relaxed);
@@ -111,6 +131,14 @@ pub async fn resync_volume(
                 let _paused = vol.pause_io().await;
                 let n = mirror.copy_range(slab, off, len, &targets).await?;
                 progress.copied.fetch_add(n, Ordering::Relaxed);
+            }
+            // Throttle: hold the copy rate at the node's repair bandwidth.
+            if let Some(bps) = bandwidth.filter(|b| *b > 0) {
+                let copied = progress.copied.load(Ordering::Relaxed);
+                let due = std::time::Duration::from_secs_f64(copied as f64 / bps as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
             }
             off += len;
             progress.done.fetch_add(len, Ordering::Relaxed);
