@@ -277,3 +277,81 @@ fn repair_start_rebuilds_a_down_nodes_copies_now_and_repair_status_follows_it() 
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn a_rebuild_copies_no_faster_than_the_repair_bandwidth() {
+    let mut c = Cluster::start_with(
+        3,
+        NodeOptions {
+            down_after: Some("1s"),
+            rebuild_after: Some("10m"),
+            repair_bandwidth: Some("4MiB"),
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "t",
+            "--size",
+            "16MiB",
+            "--resiliency",
+            "mirror-2",
+        ],
+    );
+    {
+        let mut h = NbdClient::connect(c.node(1).nbd, "t")
+            .unwrap_or_else(|e| panic!("NBD open on node 1: {e}\n{}", c.logs(&[1])));
+        for k in 0..12 {
+            h.write(k * MIB, &[0x21 + k as u8; MIB as usize], false)
+                .unwrap_or_else(|e| panic!("write: {e:?}"));
+        }
+        h.flush().expect("flush");
+        h.disconnect();
+    }
+    let before = copies(&c, 1, "t").expect("volume show");
+    let victim_name = before
+        .iter()
+        .map(|(_, n, _)| n.clone())
+        .find(|n| n != "n1")
+        .expect("a copy off node 1");
+    let moved = before.iter().filter(|(_, n, _)| *n == victim_name).count() as u64;
+    let victim = c.index_of_name(&victim_name).expect("victim index");
+    c.kill9(victim);
+    c.wait_for("the victim to be down", secs(10), |c| {
+        let (_, text) = health(c, 1);
+        if text.contains(&format!("node {victim_name} is down")) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    let t0 = std::time::Instant::now();
+    c.ctl_ok(1, &["repair", "start", "--volume", "t"]);
+    c.wait_for("the throttled repair to finish", secs(60), |c| {
+        let v: Value = c.try_json(1, &["repair", "status", "t"])?;
+        if v["state"] == "done" && v["copied_bytes"].as_u64().unwrap_or(0) > 0 {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    let took = t0.elapsed();
+    let v: Value = c.ctl_json(1, &["repair", "status", "t"]);
+    let copied = v["copied_bytes"].as_u64().unwrap_or(0);
+    // At 4 MiB/s the copied bytes take copied / 4 MiB seconds at least (the
+    // resync sleeps after each chunk until the rate allows it).
+    let floor = Duration::from_secs_f64(copied as f64 / (4.0 * MIB as f64))
+        .saturating_sub(Duration::from_millis(250));
+    eprintln!("{moved} slabs, {copied} bytes rebuilt in {took:?} at a 4 MiB/s limit");
+    assert!(
+        copied >= 4 * MIB,
+        "a rebuild copies at least one slab's data: {v}"
+    );
+    assert!(
+        took >= floor,
+        "{copied} bytes were rebuilt in {took:?}, faster than 4 MiB/s allows ({floor:?})"
+    );
+}

@@ -77,6 +77,8 @@ pub struct NodeOptions {
     pub down_after: Option<&'static str>,
     /// `--rebuild-after`, e.g. "3s" (storaged's default: 5m).
     pub rebuild_after: Option<&'static str>,
+    /// `--repair-bandwidth`, e.g. "4MiB" (storaged's default: no limit).
+    pub repair_bandwidth: Option<&'static str>,
     /// `--meta-snapshot-every`: Raft entries between metadata snapshots.
     pub meta_snapshot_every: Option<u64>,
     /// RUST_LOG of the process (default "info").
@@ -96,6 +98,7 @@ impl Default for NodeOptions {
             join: None,
             down_after: None,
             rebuild_after: None,
+            repair_bandwidth: None,
             meta_snapshot_every: None,
             rust_log: None,
         }
@@ -206,6 +209,9 @@ impl Node {
         }
         if let Some(r) = self.opts.rebuild_after {
             c.arg("--rebuild-after").arg(r);
+        }
+        if let Some(b) = self.opts.repair_bandwidth {
+            c.arg("--repair-bandwidth").arg(b);
         }
         if let Some(d) = self.opts.down_after {
             c.arg("--down-after").arg(d);
