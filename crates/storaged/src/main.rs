@@ -102,6 +102,11 @@ struct Cli {
     /// (default: no limit).
     #[arg(long)]
     repair_bandwidth: Option<String>,
+    /// How long an idle runtime thread polls for disk completions before it
+    /// sleeps, e.g. 50us (default), 0 to never poll (when storaged shares
+    /// its cores with other busy processes).
+    #[arg(long)]
+    io_poll: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,6 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         replication_listen: cli.replication_listen,
         rebuild_after: cli.rebuild_after,
         repair_bandwidth: cli.repair_bandwidth,
+        io_poll: cli.io_poll,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -231,12 +237,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .enable_all()
-        .thread_name("storaged")
-        .on_thread_park(|| {
-            extent_store::engine::poll_before_park(std::time::Duration::from_micros(50))
-        });
+    builder.enable_all().thread_name("storaged");
+    let spin = cfg.io_poll;
+    if !spin.is_zero() {
+        builder.on_thread_park(move || extent_store::engine::poll_before_park(spin));
+    }
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         builder.worker_threads(default_worker_threads());
     }
