@@ -421,9 +421,17 @@ impl Manager {
             let Some(first) = slabs.first().and_then(|n| v.slabs.get(n)) else {
                 continue;
             };
+            // A holder that is down cannot repair: the volume is then
+            // treated as unattached (the attach takes it over).
+            let holder_up = |node: u64| {
+                view.state
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.state == NodeState::Up as i32)
+            };
             let mine = match &v.attachment {
-                Some(a) => a.node == c.this,
-                None => {
+                Some(a) if holder_up(a.node) => a.node == c.this,
+                _ => {
                     first
                         .replicas
                         .iter()
