@@ -96,6 +96,9 @@ pub struct Manager {
     /// How far the last resync of each mirrored volume run here got; kept
     /// after the volume is let go, for `s2dctl repair status`.
     progress: std::sync::Mutex<HashMap<String, Arc<crate::resync::Progress>>>,
+    /// Mirrored volumes whose last handle here was dropped (not crashed):
+    /// re-attaching them needs no reconcile.
+    released: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One attach at a time, so two clients opening a volume at once do
     /// not both propose the attachment.
     attaching: Mutex<()>,
@@ -245,6 +248,7 @@ impl Manager {
             mirrors: std::sync::Mutex::new(HashMap::new()),
             resyncs: Arc::default(),
             progress: Default::default(),
+            released: Default::default(),
             attaching: Mutex::new(()),
         })
     }
@@ -316,7 +320,17 @@ impl Manager {
         // An attachment that is still there means the previous holder did
         // not let the volume go (it died, or this node restarted): writes it
         // had in flight may have reached some copies only.
-        let unclean = v.attachment.is_some();
+        // The handle of the last client here went away cleanly (its flushes
+        // and writes all ended): no writes can be half done.
+        let released = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let unclean = v
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.node != c.this || !released);
         match &v.attachment {
             Some(a) if a.node == c.this => {}
             Some(a) => {
@@ -500,6 +514,10 @@ impl Manager {
     /// Releases the attachment of `name` if no client has it open.
     async fn detach_if_idle(&self, name: &str, node: u64) {
         tokio::time::sleep(DETACH_GRACE).await;
+        // Under the attach lock: a client opening the volume now either
+        // finds the attachment still here (and keeps it), or waits until it
+        // is released and attaches afresh; never a detach landing after it.
+        let _one = self.attaching.lock().await;
         if self.attached(name).is_some() {
             return;
         }
@@ -772,6 +790,10 @@ impl Drop for Attached {
             return;
         };
         let name = self.vol.name().to_string();
+        m.released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone());
         let node = self.node;
         rt.spawn(async move { m.detach_if_idle(&name, node).await });
     }

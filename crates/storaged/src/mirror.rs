@@ -32,6 +32,8 @@ use std::time::Duration;
 
 /// How long a replica may take to answer one request.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a slab change may wait for a leader to commit it.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(15);
 /// Retries of a request whose epoch turned out old.
 const EPOCH_RETRIES: usize = 5;
 
@@ -260,9 +262,7 @@ impl MirrorVolume {
                 "rebuilding copies of lost nodes elsewhere"
             );
             match self
-                .cluster
-                .meta
-                .propose(Op::AllocateSlab(AllocateSlab {
+                .commit(Op::AllocateSlab(AllocateSlab {
                     volume: self.name.clone(),
                     slab,
                     replicas,
@@ -698,9 +698,7 @@ impl MirrorVolume {
         extents: Vec<u64>,
     ) -> Result<bool, BlockError> {
         match self
-            .cluster
-            .meta
-            .propose(Op::ChangeReplicas(ChangeReplicas {
+            .commit(Op::ChangeReplicas(ChangeReplicas {
                 volume: self.name.clone(),
                 slab,
                 epoch,
@@ -797,6 +795,26 @@ impl MirrorVolume {
                 Outcome::Failed(format!("node {}: {message}", rep.node))
             }
             r => Outcome::Done(r),
+        }
+    }
+
+    /// Proposes a change of the volume's slabs; when the cluster has no
+    /// leader or the commit times out (the leader died with the proposal),
+    /// proposes again until a new leader commits it or 15 s pass. A change
+    /// that committed twice is refused the second time (its epoch moved):
+    /// callers check the slab again on `Rejected`.
+    async fn commit(&self, op: Op) -> Result<Arc<MetaView>, MetaError> {
+        let deadline = tokio::time::Instant::now() + COMMIT_PATIENCE;
+        loop {
+            match self.cluster.meta.propose(op.clone()).await {
+                Err(MetaError::NoLeader { .. } | MetaError::Timeout(_))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::info!(volume = %self.name, "no leader to record a slab change; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => return r,
+            }
         }
     }
 
@@ -903,9 +921,7 @@ impl MirrorVolume {
             });
         }
         let r = self
-            .cluster
-            .meta
-            .propose(Op::AllocateSlab(AllocateSlab {
+            .commit(Op::AllocateSlab(AllocateSlab {
                 volume: self.name.clone(),
                 slab,
                 replicas,
@@ -984,9 +1000,7 @@ impl MirrorVolume {
                 .collect();
             tracing::warn!(volume = %self.name, slab, failed = ?failed, "marking replicas stale");
             match self
-                .cluster
-                .meta
-                .propose(Op::ChangeReplicas(ChangeReplicas {
+                .commit(Op::ChangeReplicas(ChangeReplicas {
                     volume: self.name.clone(),
                     slab,
                     epoch: s.epoch,
@@ -1301,9 +1315,7 @@ impl MirrorVolume {
                 })
                 .collect();
             match self
-                .cluster
-                .meta
-                .propose(Op::ChangeReplicas(ChangeReplicas {
+                .commit(Op::ChangeReplicas(ChangeReplicas {
                     volume: self.name.clone(),
                     slab,
                     epoch: s.epoch,
