@@ -37,6 +37,22 @@ pub enum NbdError {
     Io(io::Error),
 }
 
+impl NbdError {
+    /// Whether the socket timed out (the server did not answer in time).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, NbdError::Io(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    }
+}
+
+impl std::fmt::Display for NbdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdError::Server(code) => write!(f, "server error {code}"),
+            NbdError::Io(e) => write!(f, "transport error: {e}"),
+        }
+    }
+}
+
 impl From<io::Error> for NbdError {
     fn from(e: io::Error) -> Self {
         NbdError::Io(e)
@@ -67,6 +83,34 @@ impl NbdClient {
         };
         c.handshake(export)?;
         Ok(c)
+    }
+
+    /// `connect` with `timeout` for the TCP connect, the handshake and
+    /// every later read and write of the socket (a server that hangs, e.g.
+    /// a SIGSTOPped storaged, then fails the call with a timeout error
+    /// instead of blocking; see `NbdError::is_timeout`).
+    pub fn connect_with_timeout(
+        addr: SocketAddr,
+        export: &str,
+        timeout: Duration,
+    ) -> io::Result<NbdClient> {
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        let mut c = NbdClient {
+            s,
+            size: 0,
+            cookie: 1,
+        };
+        c.handshake(export)?;
+        Ok(c)
+    }
+
+    /// Change the socket's read and write timeouts (None: wait forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.s.set_read_timeout(timeout)?;
+        self.s.set_write_timeout(timeout)
     }
 
     fn bad(what: &str) -> io::Error {
@@ -160,6 +204,30 @@ impl NbdClient {
             data,
         )?;
         self.reply(c)
+    }
+
+    /// Send a write without waiting for its reply (several may be in
+    /// flight; collect their replies with `reply_any`). Returns its cookie.
+    pub fn send_write(&mut self, offset: u64, data: &[u8], fua: bool) -> io::Result<u64> {
+        self.request(
+            CMD_WRITE,
+            if fua { CMD_FLAG_FUA } else { 0 },
+            offset,
+            data.len() as u32,
+            data,
+        )
+    }
+
+    /// The next simple reply that carries no data (a write's, trim's or
+    /// flush's), in the server's completion order: its cookie and the
+    /// server's error code (0: success).
+    pub fn reply_any(&mut self) -> io::Result<(u64, u32)> {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h)?;
+        if u32_of(&h) != SIMPLE_REPLY_MAGIC {
+            return Err(Self::bad("bad reply magic"));
+        }
+        Ok((u64_of(&h[8..]), u32_of(&h[4..])))
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, NbdError> {
