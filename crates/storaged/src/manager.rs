@@ -99,11 +99,15 @@ pub struct Manager {
     /// Mirrored volumes whose last handle here was dropped (not crashed):
     /// re-attaching them needs no reconcile.
     released: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// When the last repair of a volume failed, to pace retries.
+    repair_failed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// One attach at a time, so two clients opening a volume at once do
     /// not both propose the attachment.
     attaching: Mutex<()>,
 }
 
+/// How long a failed repair waits before it starts over by itself.
+const REPAIR_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a mirrored volume stays attached after its last client left.
 const DETACH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -249,6 +253,7 @@ impl Manager {
             resyncs: Arc::default(),
             progress: Default::default(),
             released: Default::default(),
+            repair_failed: Default::default(),
             attaching: Mutex::new(()),
         })
     }
@@ -464,7 +469,17 @@ impl Manager {
             if !mine {
                 continue;
             }
-            self.start_repair(&v.name, c.rebuild_after);
+            // A repair that just failed (a target not marked down yet)
+            // waits a moment before it starts over.
+            let failed_lately = self
+                .repair_failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&v.name)
+                .is_some_and(|t| t.elapsed() < REPAIR_RETRY_AFTER);
+            if !failed_lately {
+                self.start_repair(&v.name, c.rebuild_after);
+            }
         }
     }
 
@@ -504,7 +519,11 @@ impl Manager {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(volume = %name, slabs = n, "resync complete"),
                 Err(e) => {
-                    tracing::warn!(volume = %name, error = %e, "resync stopped; it starts over later")
+                    tracing::warn!(volume = %name, error = %e, "resync stopped; it starts over later");
+                    m.repair_failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), std::time::Instant::now());
                 }
             }
         });
