@@ -391,49 +391,18 @@ impl MirrorVolume {
         let src = order
             .first()
             .ok_or_else(|| io(format!("slab {slab}: no current copy to resync from")))?;
-        let sums = match self
-            .call(
-                src,
-                Request::Checksums {
-                    volume: self.id,
-                    slab,
-                    epoch: s.epoch,
-                    offset,
-                    blocks: (len / bs) as u32,
-                },
-            )
-            .await
-        {
-            Outcome::Done(Response::Checksums(v)) => v,
-            Outcome::Failed(m) | Outcome::BadData(m) => {
-                return Err(io(format!("resync source: {m}")));
-            }
-            _ => return Err(io("resync source: unexpected reply")),
-        };
+        let blocks = (len / bs) as u32;
+        let sums = self
+            .checksums(src, slab, s.epoch, offset, blocks, "resync source")
+            .await?;
         // Only the blocks where a copy differs from the source travel: what
         // the copy missed while it was stale (a fresh copy: everything the
         // source holds).
         let mut copied = 0u64;
         for d in dst {
-            let theirs = match self
-                .call(
-                    d,
-                    Request::Checksums {
-                        volume: self.id,
-                        slab,
-                        epoch: s.epoch,
-                        offset,
-                        blocks: (len / bs) as u32,
-                    },
-                )
-                .await
-            {
-                Outcome::Done(Response::Checksums(v)) => v,
-                Outcome::Failed(m) | Outcome::BadData(m) => {
-                    return Err(io(format!("resync target: {m}")));
-                }
-                _ => return Err(io("resync target: unexpected reply")),
-            };
+            let theirs = self
+                .checksums(d, slab, s.epoch, offset, blocks, "resync target")
+                .await?;
             let differs = |k: usize| {
                 theirs
                     .get(k)
@@ -457,6 +426,31 @@ impl MirrorVolume {
             }
         }
         Ok(copied)
+    }
+
+    /// The per-block checksums of a range of one copy; `what` names the
+    /// copy in errors.
+    async fn checksums(
+        &self,
+        rep: &Rep,
+        slab: u64,
+        epoch: u64,
+        offset: u64,
+        blocks: u32,
+        what: &str,
+    ) -> Result<Vec<u64>, BlockError> {
+        let req = Request::Checksums {
+            volume: self.id,
+            slab,
+            epoch,
+            offset,
+            blocks,
+        };
+        match self.call(rep, req).await {
+            Outcome::Done(Response::Checksums(v)) => Ok(v),
+            Outcome::Failed(m) | Outcome::BadData(m) => Err(io(format!("{what}: {m}"))),
+            _ => Err(io(format!("{what}: unexpected reply"))),
+        }
     }
 
     /// Copies `[at, at + n)` of a slab from `src` to `dst`: the data when
