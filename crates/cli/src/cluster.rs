@@ -172,6 +172,7 @@ pub fn node_table(nodes: &[Node]) -> Table {
         "ROLE",
         "DISKS",
         "CAPACITY",
+        "COPIES",
     ]);
     for n in nodes {
         let mut role = or_dash(&n.role);
@@ -188,6 +189,7 @@ pub fn node_table(nodes: &[Node]) -> Table {
             role,
             n.disks.to_string(),
             human(n.capacity_bytes),
+            n.slab_copies.to_string(),
         ]);
     }
     t
@@ -196,9 +198,19 @@ pub fn node_table(nodes: &[Node]) -> Table {
 /// A node after `node drain` or `node retire`: one line, then its row.
 fn render_changed(n: &Node) -> String {
     let why = if n.state == "draining" {
-        ": no new volumes are placed on it"
+        let mut w = format!(
+            ": no new volumes are placed on it; its {} slab copies move to other nodes (`node list` shows how many are left)",
+            n.slab_copies
+        );
+        if n.simple_volumes > 0 {
+            w.push_str(&format!(
+                "; its {} simple volume(s) have no other copy and stay",
+                n.simple_volumes
+            ));
+        }
+        w
     } else {
-        ""
+        String::new()
     };
     format!(
         "node {} is {}{why}\n\n{}",
@@ -314,15 +326,15 @@ mod tests {
         let lines: Vec<&str> = s.lines().collect();
         assert_eq!(
             lines[0],
-            "ID  NAME  ADDRESS        NBD             FAULT DOMAIN  STATE  ROLE            DISKS  CAPACITY"
+            "ID  NAME  ADDRESS        NBD             FAULT DOMAIN  STATE  ROLE            DISKS  CAPACITY  COPIES"
         );
         assert_eq!(
             lines[1],
-            "1   a     10.0.0.1:7001  10.0.0.1:10809  rack-1        up     voter (leader)  2      4.0 TiB"
+            "1   a     10.0.0.1:7001  10.0.0.1:10809  rack-1        up     voter (leader)  2      4.0 TiB   0"
         );
         assert_eq!(
             lines[2],
-            "3   c     10.0.0.3:7001  10.0.0.3:10809  -             up     learner         2      4.0 TiB"
+            "3   c     10.0.0.3:7001  10.0.0.3:10809  -             up     learner         2      4.0 TiB   0"
         );
     }
 
@@ -330,9 +342,15 @@ mod tests {
     fn drained_node_says_what_draining_means() {
         let mut n = node(2, "b", "voter", false);
         n.state = "draining".into();
+        n.slab_copies = 7;
         let s = render_changed(&n);
         assert!(
-            s.starts_with("node b (id 2) is draining: no new volumes are placed on it\n\nID"),
+            s.starts_with("node b (id 2) is draining: no new volumes are placed on it; its 7 slab copies move to other nodes (`node list` shows how many are left)\n\nID"),
+            "{s}"
+        );
+        n.simple_volumes = 1;
+        assert!(
+            render_changed(&n).contains("; its 1 simple volume(s) have no other copy and stay\n"),
             "{s}"
         );
         n.state = "retired".into();

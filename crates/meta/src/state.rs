@@ -47,6 +47,9 @@ pub enum DiskState {
     Failed = 1,
     /// Removed from the pool; terminal.
     Removed = 2,
+    /// Being emptied on purpose (`pool remove-disk`): readable, no new
+    /// extents; its copies move to other nodes, then it can be removed.
+    Draining = 3,
 }
 
 /// Resiliency of a volume.
@@ -178,6 +181,11 @@ pub struct Slab {
     /// The replicas, in the proposer's order.
     #[prost(message, repeated, tag = "2")]
     pub replicas: Vec<Replica>,
+    /// A copy is moving off this node (0: none): the slab holds one replica
+    /// more than its resiliency's copies until the new copy is current,
+    /// then the one on this node is dropped. Redundancy never dips.
+    #[prost(uint64, tag = "3")]
+    pub moving_from: u64,
 }
 
 /// Which node serves a volume now (one writer at a time).
@@ -571,12 +579,18 @@ pub struct AllocateSlab {
     /// Slab number, below size / extent size.
     #[prost(uint64, tag = "2")]
     pub slab: u64,
-    /// Exactly `resiliency.copies()` replicas on distinct nodes, on free extents of online disks of up nodes.
+    /// Exactly `resiliency.copies()` replicas (one more while a copy moves,
+    /// see `moving_from`) on distinct nodes; new ones on free extents of
+    /// online disks of up nodes, kept ones (same disk and extent as before)
+    /// wherever they are.
     #[prost(message, repeated, tag = "3")]
     pub replicas: Vec<Replica>,
     /// Greater than the slab's current epoch (any value > 0 for a new slab).
     #[prost(uint64, tag = "4")]
     pub epoch: u64,
+    /// The node a copy moves off (0: none); one of the replicas' nodes.
+    #[prost(uint64, tag = "5")]
+    pub moving_from: u64,
 }
 
 /// Payload of [`Op::SetReplicaState`].
@@ -1071,12 +1085,24 @@ impl PoolState {
                 c.epoch
             )));
         }
-        if c.replicas.len() != res.copies() {
+        let want = res.copies() + usize::from(c.moving_from != 0);
+        if c.replicas.len() != want {
             return Err(invalid(format!(
-                "{:?} needs {} replicas, got {}",
+                "{:?} needs {} replicas{}, got {}",
                 res,
-                res.copies(),
+                want,
+                if c.moving_from != 0 {
+                    " while a copy moves"
+                } else {
+                    ""
+                },
                 c.replicas.len()
+            )));
+        }
+        if c.moving_from != 0 && !c.replicas.iter().any(|r| r.node == c.moving_from) {
+            return Err(invalid(format!(
+                "the copy moves off node {}, which holds none",
+                c.moving_from
             )));
         }
         let mut seen_nodes = Vec::new();
@@ -1095,6 +1121,16 @@ impl PoolState {
                         r.node
                     )));
                 }
+                continue;
+            }
+            // A copy the slab keeps (same place as before) stays wherever it
+            // is: on a draining node or disk, or a node down for a while.
+            let kept = old.is_some_and(|s| {
+                s.replicas
+                    .iter()
+                    .any(|o| o.node == r.node && o.disk == r.disk && o.extent == r.extent)
+            });
+            if kept {
                 continue;
             }
             if node.state != NodeState::Up as i32 {
@@ -1116,12 +1152,7 @@ impl PoolState {
                     r.extent, r.disk
                 )));
             }
-            let reused = old.is_some_and(|s| {
-                s.replicas
-                    .iter()
-                    .any(|o| o.disk == r.disk && o.extent == r.extent)
-            });
-            if !reused && disk.allocated_extents.binary_search(&r.extent).is_ok() {
+            if disk.allocated_extents.binary_search(&r.extent).is_ok() {
                 return Err(invalid(format!(
                     "extent {} of disk {} is in use",
                     r.extent, r.disk
@@ -1144,6 +1175,7 @@ impl PoolState {
                 Slab {
                     epoch: c.epoch,
                     replicas: c.replicas.clone(),
+                    moving_from: c.moving_from,
                 },
             );
         }

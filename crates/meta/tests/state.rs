@@ -49,11 +49,22 @@ fn replica(node: u64, disk: u64, extent: u64) -> Replica {
 }
 
 fn alloc(volume: &str, slab: u64, replicas: Vec<Replica>, epoch: u64) -> Command {
+    alloc_moving(volume, slab, replicas, epoch, 0)
+}
+
+fn alloc_moving(
+    volume: &str,
+    slab: u64,
+    replicas: Vec<Replica>,
+    epoch: u64,
+    moving_from: u64,
+) -> Command {
     Command::new(Op::AllocateSlab(AllocateSlab {
         volume: volume.into(),
         slab,
         replicas,
         epoch,
+        moving_from,
     }))
 }
 
@@ -127,6 +138,63 @@ fn reallocating_a_slab_needs_a_newer_epoch_and_moves_its_extents() {
         "new extent on disk 3 should be taken"
     );
     assert_eq!(s.volumes["db"].slabs[&0].epoch, 2, "slab epoch should be 2");
+}
+
+#[test]
+fn a_copy_moves_off_a_draining_node_with_one_extra_replica_then_is_dropped() {
+    let mut s = pool();
+    s.apply(&add_node(4)).expect("node 4");
+    s.apply(&add_disk(4, 4)).expect("disk 4");
+    s.apply(&create("db", 2, Resiliency::TwoWayMirror))
+        .expect("create");
+    s.apply(&alloc("db", 0, vec![replica(1, 1, 0), replica(2, 2, 0)], 1))
+        .expect("alloc");
+    s.apply(&Command::new(Op::SetNodeState(SetNodeState {
+        node: 2,
+        state: NodeState::Maintenance as i32,
+        at_ms: 1,
+    })))
+    .expect("drain node 2");
+    let mut new = replica(3, 3, 0);
+    new.state = ReplicaState::Stale as i32;
+    new.extent = UNPLACED;
+    let before = s.clone();
+    let three = vec![replica(1, 1, 0), replica(2, 2, 0), new.clone()];
+    s.apply(&alloc("db", 0, three.clone(), 2))
+        .expect_err("three copies of a mirror-2 slab need a move");
+    s.apply(&alloc_moving("db", 0, three.clone(), 2, 4))
+        .expect_err("the moving copy must be one of the slab's");
+    s.apply(&alloc_moving(
+        "db",
+        0,
+        vec![replica(1, 1, 0), replica(2, 2, 0)],
+        2,
+        2,
+    ))
+    .expect_err("a move needs the extra replica");
+    assert_eq!(s, before, "rejected moves must change nothing");
+    // The copy on the draining node is kept where it is, although its node
+    // takes no new extents.
+    s.apply(&alloc_moving("db", 0, three, 2, 2))
+        .expect("start moving the copy off node 2");
+    let slab = &s.volumes["db"].slabs[&0];
+    assert_eq!((slab.replicas.len(), slab.moving_from), (3, 2));
+    assert_eq!(
+        s.disks[&2].allocated_extents,
+        vec![0],
+        "the draining copy keeps its extent while the new one fills"
+    );
+    s.apply(&alloc("db", 0, vec![replica(1, 1, 0), replica(3, 3, 0)], 3))
+        .expect("drop the copy on node 2");
+    let slab = &s.volumes["db"].slabs[&0];
+    assert_eq!((slab.replicas.len(), slab.moving_from), (2, 0));
+    assert!(
+        s.disks[&2].allocated_extents.is_empty(),
+        "the drained node's extent is freed"
+    );
+    // A new copy on the draining node is refused.
+    s.apply(&alloc("db", 1, vec![replica(1, 1, 1), replica(2, 2, 1)], 1))
+        .expect_err("no new extent on a draining node");
 }
 
 #[test]
@@ -579,16 +647,18 @@ fn arb_command() -> impl Strategy<Value = Command> {
             name.clone(),
             0u64..5,
             prop::collection::vec(rep, 0..4),
+            0u64..4,
             0u64..4
         )
-            .prop_map(
-                |(volume, slab, replicas, epoch)| Command::new(Op::AllocateSlab(AllocateSlab {
+            .prop_map(|(volume, slab, replicas, epoch, moving_from)| Command::new(
+                Op::AllocateSlab(AllocateSlab {
                     volume,
                     slab,
                     replicas,
-                    epoch
-                }))
-            ),
+                    epoch,
+                    moving_from
+                })
+            )),
         (name.clone(), 0u64..3, 0u32..3, 0u64..4, 0i32..4).prop_map(
             |(volume, slab, replica, epoch, state)| Command::new(Op::SetReplicaState(
                 SetReplicaState {

@@ -169,6 +169,23 @@ fn api_node(view: &MetaView, n: &ms::Node) -> Node {
         capacity_bytes: disks.iter().map(|d| d.capacity_bytes).sum(),
         nbd_address: n.nbd_address.clone(),
         iscsi_address: n.iscsi_address.clone(),
+        slab_copies: view
+            .state
+            .volumes
+            .values()
+            .flat_map(|v| v.slabs.values())
+            .filter(|s| {
+                s.replicas
+                    .iter()
+                    .any(|r| r.node == n.id && r.extent != meta::state::UNPLACED)
+            })
+            .count() as u64,
+        simple_volumes: view
+            .state
+            .volumes
+            .values()
+            .filter(|v| v.home_node == n.id)
+            .count() as u32,
     }
 }
 
@@ -467,7 +484,10 @@ pub fn mirror_nodes(
             continue;
         }
         known.push(n.id);
-        for d in view.state.disks.values().filter(|d| d.node == n.id) {
+        let online = |d: &&meta::state::Disk| {
+            d.node == n.id && d.state == meta::state::DiskState::Online as i32
+        };
+        for d in view.state.disks.values().filter(online) {
             let total = d.capacity_bytes / es.max(1);
             let spec = DiskSpec {
                 id: DiskId(u128::from(d.id)),
@@ -1205,7 +1225,7 @@ impl ClusterService for ControlService {
             .nodes
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("node {key} not found")))?;
-        tracing::info!(node = %n.name, "node draining: no new volumes go to it");
+        tracing::info!(node = %n.name, "node draining: its copies move to other nodes, no new volumes go to it");
         Ok(Response::new(api_node(&view, n)))
     }
 

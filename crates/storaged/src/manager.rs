@@ -437,16 +437,17 @@ impl Manager {
                 &v.name,
                 c.rebuild_after,
             ));
+            slabs.extend(crate::mirror::slabs_to_move(view, &v.name));
             let Some(first) = slabs.first().and_then(|n| v.slabs.get(n)) else {
                 continue;
             };
             // A holder that is down cannot repair: the volume is then
-            // treated as unattached (the attach takes it over).
+            // treated as unattached (the attach takes it over). A draining
+            // node is alive and serves until its copies have moved.
             let holder_up = |node: u64| {
-                view.state
-                    .nodes
-                    .get(&node)
-                    .is_some_and(|n| n.state == NodeState::Up as i32)
+                view.state.nodes.get(&node).is_some_and(|n| {
+                    n.state == NodeState::Up as i32 || n.state == NodeState::Maintenance as i32
+                })
             };
             let mine = match &v.attachment {
                 Some(a) if holder_up(a.node) => a.node == c.this,
@@ -455,12 +456,7 @@ impl Manager {
                         .replicas
                         .iter()
                         .filter(|r| r.state == ReplicaState::Current as i32)
-                        .filter(|r| {
-                            view.state
-                                .nodes
-                                .get(&r.node)
-                                .is_some_and(|n| n.state == NodeState::Up as i32)
-                        })
+                        .filter(|r| holder_up(r.node))
                         .map(|r| r.node)
                         .min()
                         == Some(c.this)

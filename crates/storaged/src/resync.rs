@@ -100,6 +100,13 @@ pub async fn resync_volume(
     for slab in crate::mirror::slabs_to_rebuild(view, vol.name(), rebuild_after) {
         mirror.replace_lost(slab, rebuild_after).await?;
     }
+    // Copies leaving a draining node or disk: drop those whose new copy is
+    // current, give the others a new (stale) copy that the resync fills.
+    for slab in crate::mirror::slabs_to_move(&mirror.view(), vol.name()) {
+        if !mirror.finish_move(slab).await? {
+            mirror.start_move(slab).await?;
+        }
+    }
     let view = mirror.view();
     let slabs = slabs_to_resync(&view, vol.name());
     if slabs.is_empty() {
@@ -144,6 +151,7 @@ pub async fn resync_volume(
             progress.done.fetch_add(len, Ordering::Relaxed);
         }
         mirror.finish_resync(slab, &targets).await?;
+        mirror.finish_move(slab).await?;
         tracing::info!(
             volume = %vol.name(),
             slab,

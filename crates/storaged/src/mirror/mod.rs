@@ -20,6 +20,10 @@
 //! - A read that finds a bad checksum is answered from another current
 //!   copy, and the good data is written over the bad copy.
 
+mod moves;
+
+pub use moves::slabs_to_move;
+
 use crate::meta_service::{MetaError, MetaHandle, MetaView};
 use crate::replica::ReplicaService;
 use block_api::{AlignedBuf, BlockError};
@@ -223,6 +227,10 @@ impl MirrorVolume {
                     self.name
                 )));
             }
+            // A move under way keeps its extra copy unless it was the lost one.
+            let moving_kept =
+                old.moving_from != 0 && kept.iter().any(|r| r.node == old.moving_from);
+            let want = self.copies + usize::from(moving_kept);
             let mut chosen: Vec<u64> = kept.iter().map(|r| r.node).collect();
             let preferred = crate::grpc::mirror_nodes(&view, self.copies, self.cluster.this)
                 .unwrap_or_default()
@@ -236,7 +244,7 @@ impl MirrorVolume {
                 .map(|n| n.id);
             let mut replicas = kept.clone();
             for n in preferred.chain(others) {
-                if replicas.len() >= self.copies {
+                if replicas.len() >= want {
                     break;
                 }
                 if chosen.contains(&n) {
@@ -250,7 +258,7 @@ impl MirrorVolume {
                     state: ReplicaState::Stale as i32,
                 });
             }
-            if replicas.len() < self.copies {
+            if replicas.len() < want {
                 // Not enough nodes: keep the lost copies' places for now.
                 return Ok(false);
             }
@@ -267,6 +275,7 @@ impl MirrorVolume {
                     slab,
                     replicas,
                     epoch: old.epoch + 1,
+                    moving_from: if moving_kept { old.moving_from } else { 0 },
                 }))
                 .await
             {
@@ -899,7 +908,9 @@ impl MirrorVolume {
             .state
             .nodes
             .values()
-            .filter(|n| n.state != NodeState::Retired as i32)
+            .filter(|n| {
+                n.state != NodeState::Retired as i32 && n.state != NodeState::Maintenance as i32
+            })
             .map(|n| n.id)
             .filter(|id| !nodes.iter().any(|(n, _)| n == id))
             .collect();
@@ -920,6 +931,7 @@ impl MirrorVolume {
                 slab,
                 replicas,
                 epoch: 1,
+                moving_from: 0,
             }))
             .await;
         match r {
