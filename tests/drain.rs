@@ -206,3 +206,153 @@ fn drain_moves_every_copy_off_the_node_while_writes_go_on_and_redundancy_never_d
         }
     });
 }
+
+/// The disks of the pool as `pool status --json` lists them.
+fn pool_disks(c: &Cluster, i: usize) -> Result<Vec<Value>, String> {
+    let p: Value = c.try_json(i, &["pool", "status"])?;
+    Ok(p["disks"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn remove_disk_moves_its_copies_to_other_nodes_and_takes_no_new_extents() {
+    // Two disks per node: a disk can go while its node stays.
+    let mut c = Cluster::start_with(
+        4,
+        NodeOptions {
+            disks: 2,
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "r",
+            "--size",
+            "64MiB",
+            "--resiliency",
+            "mirror-2",
+        ],
+    );
+    let mut h = NbdClient::connect(c.node(1).nbd, "r")
+        .unwrap_or_else(|e| panic!("NBD open on node 1: {e}\n{}", c.logs(&[1])));
+    for k in 0..24 {
+        h.write(k * MIB, &block(k, 0), false)
+            .unwrap_or_else(|e| panic!("write {k} MiB: {e:?}"));
+    }
+    h.flush().expect("flush");
+    let disks = pool_disks(&c, 1).expect("pool status");
+    let victim = disks
+        .iter()
+        .filter(|d| d["node"] != "n1")
+        .max_by_key(|d| d["slab_copies"].as_u64().unwrap_or(0))
+        .cloned()
+        .expect("a disk off node 1");
+    let (node, path) = (
+        victim["node"].as_str().unwrap_or_default().to_string(),
+        victim["path"].as_str().unwrap_or_default().to_string(),
+    );
+    assert!(
+        victim["slab_copies"].as_u64().unwrap_or(0) > 0,
+        "the chosen disk holds copies: {victim}"
+    );
+    let out = c.ctl_ok(1, &["pool", "remove-disk", &node, &path]);
+    assert!(
+        out.contains("is draining") && out.contains("move to other nodes"),
+        "remove-disk says what happens: {out}"
+    );
+    c.wait_for(
+        "the removed disk's copies to move to other nodes",
+        Duration::from_secs(60),
+        |c| {
+            let d = pool_disks(c, 1)?
+                .into_iter()
+                .find(|d| d["path"] == path.as_str())
+                .ok_or("the disk vanished from pool status")?;
+            let now = slabs(c, 1, "r")?;
+            let settled = now
+                .values()
+                .all(|r| r.len() == 2 && r.iter().all(|(_, s)| s == "current"));
+            if d["state"] == "draining" && d["slab_copies"] == 0 && settled {
+                Ok(())
+            } else {
+                Err(format!("disk {d}; slabs {now:?}"))
+            }
+        },
+    );
+    // New slabs avoid the disk.
+    for k in 24..64 {
+        h.write(k * MIB, &block(k, 1), false)
+            .unwrap_or_else(|e| panic!("write {k} MiB after the removal: {e:?}"));
+    }
+    h.flush().expect("flush");
+    h.disconnect();
+    let d = pool_disks(&c, 2)
+        .expect("pool status")
+        .into_iter()
+        .find(|d| d["path"] == path.as_str())
+        .expect("the removed disk is listed");
+    assert_eq!(
+        d["slab_copies"], 0,
+        "a new slab went to the removed disk: {d}"
+    );
+    let o = c.ctl(2, &["volume", "verify", "r"]);
+    assert!(
+        o.status.success(),
+        "verify after remove-disk: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn remove_disk_is_refused_when_its_copies_have_nowhere_to_go() {
+    // mirror-3 on three nodes: every node holds a copy of every slab.
+    let c = Cluster::start_with(3, small_node());
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "full",
+            "--size",
+            "16MiB",
+            "--resiliency",
+            "mirror-3",
+        ],
+    );
+    let mut h = NbdClient::connect(c.node(1).nbd, "full")
+        .unwrap_or_else(|e| panic!("NBD open on node 1: {e}\n{}", c.logs(&[1])));
+    h.write(0, &block(0, 0), false).expect("write");
+    h.flush().expect("flush");
+    h.disconnect();
+    let disks = pool_disks(&c, 1).expect("pool status");
+    let d = disks
+        .iter()
+        .find(|d| d["node"] == "n2" && d["slab_copies"].as_u64().unwrap_or(0) > 0)
+        .expect("a disk of n2 with a copy");
+    let path = d["path"].as_str().unwrap_or_default();
+    let o = c.ctl(1, &["pool", "remove-disk", "n2", path]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "remove-disk must fail: {err}");
+    assert!(
+        err.contains("no node to move to") && err.lines().count() == 1,
+        "one clear line says why: {err}"
+    );
+    let after = pool_disks(&c, 1).expect("pool status");
+    let d = after
+        .iter()
+        .find(|d| d["path"] == path)
+        .expect("the disk is still listed");
+    assert_eq!(
+        d["state"], "online",
+        "a refused removal changes nothing: {d}"
+    );
+    let o = c.ctl(1, &["pool", "remove-disk", "n2", "/no/such/disk"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(1) && err.contains("has no disk") && err.contains(path),
+        "an unknown disk is named with the node's real disks: {err}"
+    );
+}

@@ -12,11 +12,10 @@
 
 use harness::cluster::{Cluster, json_list, node_name, small_node};
 use harness::nbd::{NbdClient, NbdError};
+use harness::ondisk::{find_block, flip_byte, read_block};
 use harness::{NodeOptions, have, run};
 use serde_json::Value;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -894,56 +893,6 @@ fn a_write_refused_below_the_write_quorum_leaves_copies_that_agree() {
 
 // ---- 5 ------------------------------------------------------------------
 
-/// Offsets in `path` of the 4 KiB blocks that hold exactly `block`.
-fn find_block(path: &Path, block: &[u8]) -> Vec<u64> {
-    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut buf = vec![0u8; MIB as usize];
-    let mut at = 0u64;
-    let mut hits = Vec::new();
-    loop {
-        let n = read_full(&mut f, &mut buf);
-        for (k, b) in buf[..n].chunks_exact(4096).enumerate() {
-            if b == block {
-                hits.push(at + k as u64 * 4096);
-            }
-        }
-        if n < buf.len() {
-            return hits;
-        }
-        at += n as u64;
-    }
-}
-
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-    n
-}
-
-/// The 4 KiB at `offset` of `path`, past the page cache.
-fn read_block(path: &Path, offset: u64) -> Vec<u8> {
-    let mut f = std::fs::File::open(path).expect("open disk");
-    // SAFETY: plain advice on our own descriptor.
-    unsafe {
-        libc::posix_fadvise(
-            f.as_raw_fd(),
-            offset as i64,
-            4096,
-            libc::POSIX_FADV_DONTNEED,
-        )
-    };
-    f.seek(SeekFrom::Start(offset)).expect("seek");
-    let mut b = vec![0u8; 4096];
-    f.read_exact(&mut b).expect("read block");
-    b
-}
-
 /// A 16 MiB mirror-3 volume `flip` written through node 1 (0x3c over
 /// 4..6 MiB, 0xc3 in the 4 KiB at 5 MiB), detached; then one byte of the
 /// 0xc3 block in node 2's copy flipped on disk. Returns the cluster, the
@@ -976,15 +925,7 @@ fn flip_a_byte_in_node_2s_copy() -> (Cluster, PathBuf, u64) {
         "the 4 KiB pattern should be on each node's disks exactly once: {found:?}"
     );
     let (_, disk, at) = found.iter().find(|(n, _, _)| *n == 2).cloned().unwrap();
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&disk)
-            .expect("open disk");
-        f.seek(SeekFrom::Start(at + 1234)).expect("seek");
-        f.write_all(&[0xc3 ^ 0x10]).expect("flip");
-        f.sync_all().expect("fsync");
-    }
+    flip_byte(&disk, at + 1234);
     assert_ne!(read_block(&disk, at), pattern, "the flip did not land");
     eprintln!(
         "flipped one byte of node 2's copy at {}:{}",

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod iscsi;
 pub mod nbd;
+pub mod ondisk;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -156,6 +156,27 @@ enum PoolCmd {
     /// Capacity, used and free space per node and disk, and what each
     /// resiliency can still store.
     Status,
+    /// Stop placing extents on a disk and move the mirror copies on it to
+    /// other nodes; redundancy never drops meanwhile. Refused when some
+    /// copy has no node to go to.
+    RemoveDisk {
+        /// The node holding the disk (name or id).
+        node: String,
+        /// The disk: its path as the node opened it, its disk id, or its
+        /// index on the node (0 for the first --disk).
+        disk: String,
+    },
+    /// Scrub every volume now: read every allocated block back against its
+    /// checksum, compare mirror copies, repair from a good copy. Exit
+    /// status 2 when something could not be repaired or checked.
+    Scrub {
+        /// Wait until every scrub has finished, then report.
+        #[arg(long)]
+        wait: bool,
+        /// Only show the last scrub of every volume; start nothing.
+        #[arg(long, conflicts_with = "wait")]
+        status: bool,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -401,6 +422,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })?;
                 }
             }
+        }
+        Command::Pool(PoolCmd::RemoveDisk { node, disk }) => {
+            let mut c = PoolServiceClient::new(ch);
+            let d = c
+                .remove_disk(DiskRequest { node, disk })
+                .await
+                .map_err(|s| explain(ep, s))?
+                .into_inner();
+            print_as(cli.json, &d, |d| print!("{}", pool::render_removed(d)))?;
+        }
+        Command::Pool(PoolCmd::Scrub { wait, status }) => {
+            pool::run_scrub(PoolServiceClient::new(ch), ep, cli.json, wait, status).await?
         }
         Command::Pool(PoolCmd::Status) => {
             let mut c = PoolServiceClient::new(ch);

@@ -1,8 +1,144 @@
 //! Human output of `pool status`: totals, nodes, disks, usable capacity.
 
 use crate::table::{Table, human, or_dash};
-use s2d_proto::v1::{NodePool, PoolStatusResponse, UsableCapacity};
+use crate::{explain, print_as};
+use s2d_proto::v1::pool_service_client::PoolServiceClient;
+use s2d_proto::v1::{
+    Disk, NodePool, PoolStatusResponse, ScrubRequest, ScrubResponse, UsableCapacity, VolumeScrub,
+};
 use std::fmt::Write;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// How often `pool scrub --wait` looks again.
+const SCRUB_POLL: Duration = Duration::from_millis(500);
+
+/// `pool remove-disk`: one line saying what happens now.
+pub fn render_removed(d: &Disk) -> String {
+    if d.slab_copies == 0 {
+        format!(
+            "disk {} of node {} is {}: it holds no mirror copies; no new extents go to it\n",
+            d.path,
+            or_dash(&d.node),
+            or_dash(&d.state)
+        )
+    } else {
+        format!(
+            "disk {} of node {} is {}: its {} mirror copies move to other nodes (`pool status` shows how many are left); no new extents go to it\n",
+            d.path,
+            or_dash(&d.node),
+            or_dash(&d.state),
+            d.slab_copies
+        )
+    }
+}
+
+/// `pool scrub [--wait | --status]`. Exits 2 when a scrub found what it
+/// could not repair, failed, or (with --wait) some volume was not scrubbed.
+pub async fn run_scrub(
+    mut c: PoolServiceClient<Channel>,
+    ep: &str,
+    json: bool,
+    wait: bool,
+    status: bool,
+) -> anyhow::Result<()> {
+    let mut r = if status {
+        c.scrub_status(ScrubRequest {}).await
+    } else {
+        c.scrub(ScrubRequest {}).await
+    }
+    .map_err(|s| explain(ep, s))?
+    .into_inner();
+    if wait {
+        // A scrub counts once it started no earlier than this request was
+        // answered (minus a little clock skew between nodes).
+        let since: std::collections::HashMap<String, u64> = r
+            .volumes
+            .iter()
+            .map(|v| (v.volume.clone(), v.started_ms))
+            .collect();
+        loop {
+            let pending = r.volumes.iter().any(|v| {
+                v.state == "running"
+                    || (v.state != "failed"
+                        && v.started_ms < since.get(&v.volume).copied().unwrap_or(0))
+            });
+            if !pending {
+                break;
+            }
+            tokio::time::sleep(SCRUB_POLL).await;
+            r = c
+                .scrub_status(ScrubRequest {})
+                .await
+                .map_err(|s| explain(ep, s))?
+                .into_inner();
+        }
+    }
+    print_as(json, &r, |r| print!("{}", render_scrubs(r)))?;
+    if scrub_problems(&r, wait) {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// Whether a scrub report shows something an operator must look at.
+fn scrub_problems(r: &ScrubResponse, finished: bool) -> bool {
+    r.volumes.iter().any(|v| {
+        v.unrepaired_blocks > 0
+            || !v.error.is_empty()
+            || v.state == "failed"
+            || (finished && v.state == "never")
+    })
+}
+
+fn render_scrubs(r: &ScrubResponse) -> String {
+    if r.volumes.is_empty() {
+        return "no volumes to scrub\n".into();
+    }
+    let mut t = Table::new(&[
+        "VOLUME",
+        "STATE",
+        "NODE",
+        "CHECKED",
+        "BAD",
+        "MISMATCHED",
+        "REPAIRED",
+        "UNREPAIRED",
+        "ERROR",
+    ]);
+    for v in &r.volumes {
+        t.row(vec![
+            v.volume.clone(),
+            v.state.clone(),
+            or_dash(&v.node),
+            checked(v),
+            v.bad_blocks.to_string(),
+            v.mismatched_blocks.to_string(),
+            v.repaired_blocks.to_string(),
+            v.unrepaired_blocks.to_string(),
+            or_dash(&v.error),
+        ]);
+    }
+    let mut out = t.render();
+    let found: u64 = r
+        .volumes
+        .iter()
+        .map(|v| v.bad_blocks + v.mismatched_blocks)
+        .sum();
+    let left: u64 = r.volumes.iter().map(|v| v.unrepaired_blocks).sum();
+    let _ = writeln!(
+        out,
+        "\n{found} bad or mismatched blocks found, {left} left unrepaired (counts in 4 KiB blocks)"
+    );
+    out
+}
+
+fn checked(v: &VolumeScrub) -> String {
+    if v.state == "never" {
+        return "-".into();
+    }
+    format!("{} of {}", human(v.checked_bytes), human(v.total_bytes))
+}
 
 pub fn render_pool(p: &PoolStatusResponse) -> String {
     let mut out = String::new();
@@ -74,16 +210,18 @@ fn node_table(nodes: &[NodePool]) -> Table {
 
 fn disk_table(p: &PoolStatusResponse) -> Table {
     let mut t = Table::new(&[
-        "DISK", "NODE", "CAPACITY", "USED", "FREE", "EXTENTS", "ENGINE",
+        "DISK", "NODE", "STATE", "CAPACITY", "USED", "FREE", "EXTENTS", "COPIES", "ENGINE",
     ]);
     for d in &p.disks {
         t.row(vec![
             d.path.clone(),
             or_dash(&d.node),
+            or_dash(&d.state),
             human(d.capacity_bytes),
             human(d.used_bytes),
             human(d.free_bytes),
             format!("{}/{} free", d.extents_free, d.extents_total),
+            d.slab_copies.to_string(),
             d.io_engine.clone(),
         ]);
     }
@@ -106,7 +244,70 @@ fn usable_table(usable: &[UsableCapacity]) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use s2d_proto::v1::Disk;
+
+    #[test]
+    fn scrub_report_counts_findings_and_flags_what_is_left() {
+        let mut v = VolumeScrub {
+            volume: "db".into(),
+            state: "done".into(),
+            node: "n1".into(),
+            checked_bytes: 8 << 20,
+            total_bytes: 8 << 20,
+            bad_blocks: 2,
+            mismatched_blocks: 1,
+            repaired_blocks: 3,
+            ..Default::default()
+        };
+        let r = ScrubResponse {
+            volumes: vec![v.clone()],
+        };
+        let s = render_scrubs(&r);
+        assert!(s.starts_with("VOLUME"), "{s}");
+        assert!(s.contains("db "), "{s}");
+        assert!(s.contains("8.0 MiB of 8.0 MiB"), "{s}");
+        assert!(
+            s.ends_with(
+                "3 bad or mismatched blocks found, 0 left unrepaired (counts in 4 KiB blocks)\n"
+            ),
+            "{s}"
+        );
+        assert!(!scrub_problems(&r, true), "all repaired is no problem");
+        v.unrepaired_blocks = 1;
+        assert!(scrub_problems(
+            &ScrubResponse {
+                volumes: vec![v.clone()]
+            },
+            false
+        ));
+        v.unrepaired_blocks = 0;
+        v.state = "never".into();
+        let never = ScrubResponse { volumes: vec![v] };
+        assert!(
+            !scrub_problems(&never, false),
+            "--status: never scrubbed is not an error"
+        );
+        assert!(
+            scrub_problems(&never, true),
+            "--wait: a volume left unscrubbed is"
+        );
+    }
+
+    #[test]
+    fn removed_disk_says_where_its_copies_go() {
+        let mut d = Disk {
+            path: "/d/b.img".into(),
+            node: "n2".into(),
+            state: "draining".into(),
+            slab_copies: 4,
+            ..Default::default()
+        };
+        assert_eq!(
+            render_removed(&d),
+            "disk /d/b.img of node n2 is draining: its 4 mirror copies move to other nodes (`pool status` shows how many are left); no new extents go to it\n"
+        );
+        d.slab_copies = 0;
+        assert!(render_removed(&d).contains("holds no mirror copies"));
+    }
 
     fn status() -> PoolStatusResponse {
         PoolStatusResponse {
@@ -207,6 +408,7 @@ mod tests {
         let s = render_pool(&p);
         assert!(!s.contains("unreachable"), "{s}");
         assert!(!s.contains("usable capacity"), "{s}");
-        assert!(!s.contains("STATE"), "{s}");
+        assert!(!s.contains("\nNODE "), "{s}");
+        assert!(s.contains("\nDISK "), "{s}");
     }
 }

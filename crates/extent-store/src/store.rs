@@ -15,6 +15,7 @@ use crate::error::StoreError;
 use crate::format::{CsumEntry, ExtentOwner};
 use block_api::AlignedBuf;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
@@ -52,6 +53,9 @@ pub struct Store {
     disks: Vec<Arc<Disk>>,
     extent_size: u64,
     free: Mutex<Vec<Vec<u32>>>,
+    /// Per disk: false once the pool stopped placing extents on it (it is
+    /// draining or failed); its extents keep serving.
+    accepting: Vec<AtomicBool>,
 }
 
 impl Store {
@@ -102,6 +106,7 @@ impl Store {
             disks.push(Arc::new(disk));
         }
         Ok(Store {
+            accepting: disks.iter().map(|_| AtomicBool::new(true)).collect(),
             disks,
             extent_size: cfg.extent_size,
             free: Mutex::new(free),
@@ -139,13 +144,23 @@ impl Store {
         out
     }
 
-    /// Allocate an extent for `owner`, on the disk with the largest share
-    /// of free extents. Durable before it returns.
+    /// Whether new extents may go to disk `disk` (index in `--disk` order).
+    /// A disk that stops accepting keeps serving the extents it holds.
+    pub fn set_accepting(&self, disk: usize, accepting: bool) {
+        if let Some(a) = self.accepting.get(disk)
+            && a.swap(accepting, Ordering::Relaxed) != accepting
+        {
+            tracing::info!(disk = %self.disks[disk].path.display(), accepting, "disk placement changed");
+        }
+    }
+
+    /// Allocate an extent for `owner`, on the accepting disk with the
+    /// largest share of free extents. Durable before it returns.
     pub async fn allocate(&self, owner: ExtentOwner) -> Result<ExtentAddr, StoreError> {
         let addr = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             let best = (0..self.disks.len())
-                .filter(|&d| !free[d].is_empty())
+                .filter(|&d| !free[d].is_empty() && self.accepting[d].load(Ordering::Relaxed))
                 .max_by(|&a, &b| {
                     let fa = free[a].len() as u128 * self.disks[b].layout.extent_count as u128;
                     let fb = free[b].len() as u128 * self.disks[a].layout.extent_count as u128;

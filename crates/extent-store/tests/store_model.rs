@@ -97,17 +97,21 @@ impl Harness {
     }
 }
 
-async fn run(ops: Vec<Op>, engine: EngineChoice) {
-    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4");
-    let cfg = StoreConfig {
+/// A new two-disk store of 32 MiB disks in `dir`.
+fn two_disks(dir: &tempfile::TempDir, engine: EngineChoice) -> StoreConfig {
+    StoreConfig {
         pool_id: uuid::Uuid::new_v4(),
         node_id: uuid::Uuid::new_v4(),
         disks: vec![dir.path().join("d0"), dir.path().join("d1")],
         create_size: Some(32 * MIB),
         extent_size: EXTENT,
         engine,
-    };
-    let mut h = Harness::open(cfg).await;
+    }
+}
+
+async fn run(ops: Vec<Op>, engine: EngineChoice) {
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4");
+    let mut h = Harness::open(two_disks(&dir, engine)).await;
     // Model: (slab, block) -> Some(pattern seed) or absent (zeros).
     let mut model: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for op in ops {
@@ -223,4 +227,37 @@ proptest! {
     fn store_matches_model_with_sync_engine(ops in proptest::collection::vec(op(), 1..40)) {
         tokio::runtime::Runtime::new().expect("runtime").block_on(run(ops, EngineChoice::Sync));
     }
+}
+
+#[tokio::test]
+async fn a_disk_that_stops_accepting_gets_no_new_extents_but_keeps_its_own() {
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4");
+    let mut h = Harness::open(two_disks(&dir, EngineChoice::Sync)).await;
+    let kept = h.addr(0).await;
+    h.store.set_accepting(usize::from(kept.disk), false);
+    for slab in 1..4 {
+        let a = h.addr(slab).await;
+        assert_ne!(
+            a.disk, kept.disk,
+            "slab {slab} was placed on a disk that accepts no new extents"
+        );
+    }
+    let other = 1 - usize::from(kept.disk);
+    h.store.set_accepting(other, false);
+    let owner = ExtentOwner {
+        volume_id: 1,
+        slab: 9,
+        shard: 0,
+        epoch: 1,
+    };
+    assert!(
+        h.store.allocate(owner).await.is_err(),
+        "with no disk accepting, an allocation must fail"
+    );
+    let data = h
+        .store
+        .read(kept, 0, BS)
+        .await
+        .expect("the refusing disk still serves its extent");
+    assert_eq!(data.len(), BS as usize);
 }

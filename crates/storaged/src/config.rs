@@ -22,6 +22,10 @@ pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(10);
 pub const DEFAULT_IO_POLL: Duration = Duration::from_micros(50);
 /// A copy on a node down this long is rebuilt on another node.
 pub const DEFAULT_REBUILD_AFTER: Duration = Duration::from_secs(300);
+/// Every volume is scrubbed once a week by default.
+pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A scrub reads at most this many bytes per second by default.
+pub const DEFAULT_SCRUB_BANDWIDTH: u64 = 64 << 20;
 /// Raft entries between metadata snapshots.
 pub const DEFAULT_META_SNAPSHOT_EVERY: u64 = 1000;
 
@@ -46,6 +50,8 @@ pub struct FileConfig {
     pub rebuild_after: Option<String>,
     pub repair_bandwidth: Option<String>,
     pub io_poll: Option<String>,
+    pub scrub_interval: Option<String>,
+    pub scrub_bandwidth: Option<String>,
 }
 
 /// The flags that can also come from the file.
@@ -69,6 +75,8 @@ pub struct FlagConfig {
     pub rebuild_after: Option<String>,
     pub repair_bandwidth: Option<String>,
     pub io_poll: Option<String>,
+    pub scrub_interval: Option<String>,
+    pub scrub_bandwidth: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +109,10 @@ pub struct Config {
     pub repair_bandwidth: Option<u64>,
     /// How long an idle runtime thread polls io_uring before it sleeps.
     pub io_poll: Duration,
+    /// How often each volume is scrubbed by itself (None: only on request).
+    pub scrub_interval: Option<Duration>,
+    /// Bytes per second one scrub may read (None: no limit).
+    pub scrub_bandwidth: Option<u64>,
 }
 
 /// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
@@ -239,6 +251,18 @@ impl Config {
         if io_poll > Duration::from_millis(1) {
             bail!("--io-poll {io_poll:?} is too long: at most 1ms");
         }
+        let scrub_interval = match flags.scrub_interval.or(file.scrub_interval) {
+            Some(s) if matches!(s.trim(), "0" | "off") => None,
+            Some(s) => Some(humantime::parse_duration(&s).map_err(|e| {
+                anyhow::anyhow!("bad --scrub-interval {s:?}: {e} (use e.g. 168h, or off)")
+            })?),
+            None => Some(DEFAULT_SCRUB_INTERVAL),
+        };
+        let scrub_bandwidth = match flags.scrub_bandwidth.or(file.scrub_bandwidth) {
+            Some(s) => Some(parse_size("scrub bandwidth", s.trim_end_matches("/s"))?),
+            None => Some(DEFAULT_SCRUB_BANDWIDTH),
+        }
+        .filter(|b| *b > 0);
         Ok(Config {
             data_dir,
             listen,
@@ -256,6 +280,8 @@ impl Config {
             replication_listen,
             rebuild_after,
             repair_bandwidth,
+            scrub_interval,
+            scrub_bandwidth,
             io_poll,
         })
     }

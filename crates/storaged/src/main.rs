@@ -25,6 +25,7 @@ mod peer;
 mod repair_api;
 mod replica;
 mod resync;
+mod scrub;
 mod volume;
 
 use anyhow::{Context, bail};
@@ -107,6 +108,14 @@ struct Cli {
     /// its cores with other busy processes).
     #[arg(long)]
     io_poll: Option<String>,
+    /// Scrub every volume this often by itself (verify checksums, compare
+    /// copies, repair), e.g. 168h (default), or off.
+    #[arg(long)]
+    scrub_interval: Option<String>,
+    /// Most bytes per second one scrub reads, e.g. 64MiB (default), 0 for
+    /// no limit.
+    #[arg(long)]
+    scrub_bandwidth: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,6 +237,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         rebuild_after: cli.rebuild_after,
         repair_bandwidth: cli.repair_bandwidth,
         io_poll: cli.io_poll,
+        scrub_interval: cli.scrub_interval,
+        scrub_bandwidth: cli.scrub_bandwidth,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -333,6 +344,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         local: replicas.clone(),
         rebuild_after: cfg.rebuild_after,
         repair_bandwidth: cfg.repair_bandwidth,
+        scrub_interval: cfg.scrub_interval,
+        scrub_bandwidth: cfg.scrub_bandwidth,
     }));
     tokio::spawn(follow_metadata(
         meta.clone(),
@@ -686,8 +699,18 @@ async fn follow_metadata(
                 .await;
             manager.sync_mirrors(&view.state).await;
             replicas.collect_garbage(&view).await;
+            // New extents go only to this node's online disks.
+            for i in 0..manager.store().disks().len() {
+                let online = view
+                    .state
+                    .disks
+                    .get(&replica::meta_disk_id(view.this, i))
+                    .is_none_or(|d| d.state == meta::state::DiskState::Online as i32);
+                manager.store().set_accepting(i, online);
+            }
         }
         manager.drive_resyncs(&view);
+        manager.drive_scrubs(&view);
         // Also look again now and then: a resync that stopped is retried.
         if let Ok(Err(_)) =
             tokio::time::timeout(std::time::Duration::from_secs(2), rx.changed()).await

@@ -101,6 +101,10 @@ pub struct Manager {
     released: std::sync::Mutex<std::collections::HashSet<String>>,
     /// When the last repair of a volume failed, to pace retries.
     repair_failed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// The scrubs run here and their last results.
+    scrubs: crate::scrub::Scrubs,
+    /// When this node started, for the first scrubs by schedule.
+    started: std::time::Instant,
     /// One attach at a time, so two clients opening a volume at once do
     /// not both propose the attachment.
     attaching: Mutex<()>,
@@ -254,6 +258,8 @@ impl Manager {
             progress: Default::default(),
             released: Default::default(),
             repair_failed: Default::default(),
+            scrubs: Default::default(),
+            started: std::time::Instant::now(),
             attaching: Mutex::new(()),
         })
     }
@@ -428,7 +434,6 @@ impl Manager {
     /// ones for which it is the lowest-numbered up node holding a current
     /// copy (it attaches them for the time of the resync).
     pub fn drive_resyncs(self: &Arc<Self>, view: &Arc<crate::meta_service::MetaView>) {
-        use meta::state::{NodeState, ReplicaState};
         let Some(c) = self.cluster.get() else { return };
         for v in view.state.volumes.values().filter(|v| v.home_node == 0) {
             let mut slabs = crate::resync::slabs_to_resync(view, &v.name);
@@ -441,28 +446,7 @@ impl Manager {
             let Some(first) = slabs.first().and_then(|n| v.slabs.get(n)) else {
                 continue;
             };
-            // A holder that is down cannot repair: the volume is then
-            // treated as unattached (the attach takes it over). A draining
-            // node is alive and serves until its copies have moved.
-            let holder_up = |node: u64| {
-                view.state.nodes.get(&node).is_some_and(|n| {
-                    n.state == NodeState::Up as i32 || n.state == NodeState::Maintenance as i32
-                })
-            };
-            let mine = match &v.attachment {
-                Some(a) if holder_up(a.node) => a.node == c.this,
-                _ => {
-                    first
-                        .replicas
-                        .iter()
-                        .filter(|r| r.state == ReplicaState::Current as i32)
-                        .filter(|r| holder_up(r.node))
-                        .map(|r| r.node)
-                        .min()
-                        == Some(c.this)
-                }
-            };
-            if !mine {
+            if runner(view, v, Some(first)) != Some(c.this) {
                 continue;
             }
             // A repair that just failed (a target not marked down yet)
@@ -477,6 +461,92 @@ impl Manager {
                 self.start_repair(&v.name, c.rebuild_after);
             }
         }
+    }
+
+    /// Starts the scrubs this node runs by schedule: each volume it is
+    /// responsible for, `--scrub-interval` after its last scrub here (or
+    /// after this node started).
+    pub fn drive_scrubs(self: &Arc<Self>, view: &Arc<crate::meta_service::MetaView>) {
+        let Some(c) = self.cluster.get() else { return };
+        let Some(every) = c.scrub_interval else {
+            return;
+        };
+        let now = crate::meta_service::unix_ms();
+        for v in view.state.volumes.values() {
+            if runner(view, v, None) != Some(c.this) {
+                continue;
+            }
+            let due = match self.scrubs.last(&v.name) {
+                Some(p) => {
+                    let last = p.started_ms.load(std::sync::atomic::Ordering::Relaxed);
+                    now.saturating_sub(last) >= every.as_millis() as u64
+                }
+                None => self.started.elapsed() >= every,
+            };
+            if due {
+                tracing::info!(volume = %v.name, "scrub due by schedule");
+                self.start_scrub(&v.name);
+            }
+        }
+    }
+
+    /// Scrubs volume `name` here, in the background (see `crate::scrub`);
+    /// false when one runs already or the volume is unknown.
+    pub fn start_scrub(self: &Arc<Self>, name: &str) -> bool {
+        let Some(c) = self.cluster.get().cloned() else {
+            return false;
+        };
+        let Some(simple) = c
+            .meta
+            .view()
+            .state
+            .volumes
+            .get(name)
+            .map(|v| v.home_node != 0)
+        else {
+            return false;
+        };
+        let Some((guard, progress)) = self.scrubs.begin(name) else {
+            return false;
+        };
+        let m = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let _running = guard;
+            use crate::scrub::{Target, scrub_volume};
+            let r = if simple {
+                match m.volume(&name) {
+                    Ok(vol) => {
+                        scrub_volume(&vol, Target::Local(&m.store), &progress, c.scrub_bandwidth)
+                            .await
+                    }
+                    Err(e) => Err(BlockError::Io(e.to_string())),
+                }
+            } else {
+                match m.attach(&name).await {
+                    Ok(a) => {
+                        scrub_volume(
+                            &a.vol,
+                            Target::Mirror(&a.mirror),
+                            &progress,
+                            c.scrub_bandwidth,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            if let Err(e) = r {
+                tracing::warn!(volume = %name, error = %e, "scrub stopped");
+                progress.fail(e.to_string());
+            }
+        });
+        true
+    }
+
+    /// The last scrub of `name` run on this node, as the API shows it.
+    pub fn scrub_report(&self, name: &str, node: &str) -> Option<s2d_proto::v1::VolumeScrub> {
+        self.scrubs.last(name).map(|p| p.report(name, node))
     }
 
     /// Runs the repair of a mirrored volume here, in the background:
@@ -729,11 +799,54 @@ impl Manager {
                 ..Default::default()
             });
         }
+        // The scrubs run here: with the volume's entry when it has one.
+        for name in self.scrubs.names() {
+            let report = self.scrub_report(&name, "");
+            match out.iter_mut().find(|a| a.name == name) {
+                Some(a) => a.scrub = report,
+                None => out.push(s2d_proto::v1::VolumeAllocation {
+                    name,
+                    scrub: report,
+                    ..Default::default()
+                }),
+            }
+        }
         out
     }
 }
 
 /// The node-local record of a volume in the cluster metadata.
+/// The node that runs the repairs and scrubs of volume `v`: a simple
+/// volume's home node; for a mirrored volume the node serving it, or when
+/// none does (or its node is down), the lowest-numbered live node holding
+/// a current copy of `slab` (default: the volume's first slab). A draining
+/// node is alive: it serves until its copies have moved.
+pub fn runner(
+    view: &crate::meta_service::MetaView,
+    v: &meta::state::Volume,
+    slab: Option<&meta::state::Slab>,
+) -> Option<u64> {
+    use meta::state::{NodeState, ReplicaState};
+    if v.home_node != 0 {
+        return Some(v.home_node);
+    }
+    let alive = |node: u64| {
+        view.state.nodes.get(&node).is_some_and(|n| {
+            n.state == NodeState::Up as i32 || n.state == NodeState::Maintenance as i32
+        })
+    };
+    match &v.attachment {
+        Some(a) if alive(a.node) => Some(a.node),
+        _ => slab
+            .or_else(|| v.slabs.values().next())?
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Current as i32 && alive(r.node))
+            .map(|r| r.node)
+            .min(),
+    }
+}
+
 pub fn record_from_meta(v: &meta::state::Volume) -> VolumeRecord {
     let cred = |user: &str, secret: &str| ChapCredentialRecord {
         user: user.into(),

@@ -80,6 +80,19 @@ pub async fn local_status(
 }
 
 /// Asks the node at `address` to run the repair of `volume` now.
+/// Asks the node at `address` to scrub `volume` now.
+pub async fn run_scrub(address: &str, volume: &str) -> Result<s2d_proto::v1::VolumeScrub, String> {
+    let mut c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
+    let req = s2d_proto::v1::GetVolumeRequest {
+        name: volume.to_string(),
+    };
+    match tokio::time::timeout(STATUS_TIMEOUT, c.run_scrub(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err(format!("no answer within {STATUS_TIMEOUT:?}")),
+    }
+}
+
 pub async fn run_repair(address: &str, volume: &str) -> Result<(), String> {
     let mut c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
     let req = StartRepairRequest {
@@ -300,6 +313,27 @@ impl PeerService for Peers {
         }
         self.manager.start_repair(&name, std::time::Duration::ZERO);
         Ok(Response::new(StartRepairResponse::default()))
+    }
+
+    async fn run_scrub(
+        &self,
+        req: Request<s2d_proto::v1::GetVolumeRequest>,
+    ) -> Result<Response<s2d_proto::v1::VolumeScrub>, Status> {
+        let name = req.into_inner().name;
+        if !self.meta.view().state.volumes.contains_key(&name) {
+            return Err(Status::not_found(format!("volume {name} not found")));
+        }
+        self.manager.start_scrub(&name);
+        let view = self.meta.view();
+        let node = view
+            .state
+            .nodes
+            .get(&view.this)
+            .map_or(String::new(), |n| n.name.clone());
+        self.manager
+            .scrub_report(&name, &node)
+            .map(Response::new)
+            .ok_or_else(|| Status::internal(format!("the scrub of {name} did not start")))
     }
 
     async fn local_status(

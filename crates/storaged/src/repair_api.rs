@@ -216,13 +216,7 @@ impl RepairService for ControlService {
         for v in &targets {
             match v.attachment.as_ref().map(|a| a.node) {
                 Some(node) if node != view.this => {
-                    let address = view
-                        .state
-                        .nodes
-                        .get(&node)
-                        .map(|n| n.address.clone())
-                        .unwrap_or_default();
-                    crate::peer::run_repair(&address, &v.name)
+                    crate::peer::run_repair(&crate::grpc::node_address(&view, node), &v.name)
                         .await
                         .map_err(|e| {
                             Status::unavailable(format!(

@@ -20,7 +20,8 @@
 //! - A read that finds a bad checksum is answered from another current
 //!   copy, and the good data is written over the bad copy.
 
-mod moves;
+pub mod moves;
+pub mod scrub;
 
 pub use moves::slabs_to_move;
 
@@ -51,6 +52,10 @@ pub struct MirrorCluster {
     pub rebuild_after: Duration,
     /// Bytes per second a resync on this node may copy (None: no limit).
     pub repair_bandwidth: Option<u64>,
+    /// How often a volume is scrubbed by itself (None: only on request).
+    pub scrub_interval: Option<std::time::Duration>,
+    /// Bytes per second a scrub on this node may read (None: no limit).
+    pub scrub_bandwidth: Option<u64>,
 }
 
 /// Whether node `id` has been down (or is retired, or gone) long enough for
@@ -412,27 +417,50 @@ impl MirrorVolume {
             let theirs = self
                 .checksums(d, slab, s.epoch, offset, blocks, "resync target")
                 .await?;
-            let differs = |k: usize| {
-                theirs
-                    .get(k)
-                    .is_none_or(|x| !crate::replica::same_content(*x, sums[k]))
-            };
-            let mut i = 0;
-            while i < sums.len() {
-                if !differs(i) {
-                    i += 1;
-                    continue;
-                }
-                let kind = sums[i].min(2);
-                let mut j = i + 1;
-                while j < sums.len() && differs(j) && sums[j].min(2) == kind {
-                    j += 1;
-                }
-                let (at, n) = (offset + i as u64 * bs, (j - i) as u64 * bs);
-                self.copy_run(src, &[d], slab, s.epoch, at, n, kind).await?;
-                copied += n;
-                i = j;
+            copied += bs
+                * self
+                    .copy_differing(src, &sums, d, &theirs, slab, s.epoch, offset)
+                    .await?;
+        }
+        Ok(copied)
+    }
+
+    /// Makes copy `dst` equal to `src` over the blocks whose checksums
+    /// (`theirs` against `base`, from `offset` on) differ, a run of blocks
+    /// of one kind at a time; returns the blocks copied.
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_differing(
+        &self,
+        src: &Rep,
+        base: &[u64],
+        dst: &Rep,
+        theirs: &[u64],
+        slab: u64,
+        epoch: u64,
+        offset: u64,
+    ) -> Result<u64, BlockError> {
+        let bs = block_api::BLOCK_SIZE as u64;
+        let differs = |k: usize| {
+            theirs
+                .get(k)
+                .is_none_or(|x| !crate::replica::same_content(*x, base[k]))
+        };
+        let mut copied = 0;
+        let mut i = 0;
+        while i < base.len() {
+            if !differs(i) {
+                i += 1;
+                continue;
             }
+            let kind = base[i].min(2);
+            let mut j = i + 1;
+            while j < base.len() && differs(j) && base[j].min(2) == kind {
+                j += 1;
+            }
+            let (at, n) = (offset + i as u64 * bs, (j - i) as u64 * bs);
+            self.copy_run(src, &[dst], slab, epoch, at, n, kind).await?;
+            copied += (j - i) as u64;
+            i = j;
         }
         Ok(copied)
     }
@@ -612,26 +640,9 @@ impl MirrorVolume {
                 return Ok(fixed);
             };
             for (r, v) in rest {
-                let mut i = 0;
-                while i < base.len() {
-                    let differs = |k: usize| {
-                        v.get(k)
-                            .is_none_or(|x| !crate::replica::same_content(*x, base[k]))
-                    };
-                    if !differs(i) {
-                        i += 1;
-                        continue;
-                    }
-                    let kind = base[i].min(2);
-                    let mut j = i + 1;
-                    while j < base.len() && differs(j) && base[j].min(2) == kind {
-                        j += 1;
-                    }
-                    let (at, n) = (off + i as u64 * bs, (j - i) as u64 * bs);
-                    self.copy_run(src, &[r], slab, s.epoch, at, n, kind).await?;
-                    fixed += (j - i) as u64;
-                    i = j;
-                }
+                fixed += self
+                    .copy_differing(src, base, r, v, slab, s.epoch, off)
+                    .await?;
             }
             off += len;
         }

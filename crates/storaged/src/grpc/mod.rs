@@ -9,6 +9,9 @@
 //! Invariant: every error reaches the client as one line saying what went
 //! wrong; a refused request changes nothing.
 
+mod disks;
+mod scrub;
+
 use crate::catalog::{ChapCredentialRecord, ChapRecord, DEFAULT_LOGICAL_BLOCK_SIZE};
 use crate::manager::{self, Manager, ManagerError, chap_to_meta, local_records};
 use crate::meta_service::{MetaError, MetaHandle, MetaView};
@@ -138,6 +141,7 @@ pub fn local_disks(manager: &Manager, node_name: &str) -> Vec<Disk> {
                 extents_quarantined: d.extents_quarantined,
                 io_engine: d.engine.to_string(),
                 node: node_name.to_string(),
+                ..Default::default()
             }
         })
         .collect()
@@ -187,6 +191,15 @@ fn api_node(view: &MetaView, n: &ms::Node) -> Node {
             .filter(|v| v.home_node == n.id)
             .count() as u32,
     }
+}
+
+/// The gRPC address of node `id` (empty when unknown).
+pub(crate) fn node_address(view: &MetaView, id: u64) -> String {
+    view.state
+        .nodes
+        .get(&id)
+        .map(|n| n.address.clone())
+        .unwrap_or_default()
 }
 
 fn find_node<'a>(view: &'a MetaView, key: &str) -> Result<&'a ms::Node, Status> {
@@ -947,6 +960,21 @@ impl ControlService {
 
 #[tonic::async_trait]
 impl PoolService for ControlService {
+    async fn remove_disk(&self, req: Request<DiskRequest>) -> Result<Response<Disk>, Status> {
+        self.remove_disk_now(req).await
+    }
+
+    async fn scrub(&self, _req: Request<ScrubRequest>) -> Result<Response<ScrubResponse>, Status> {
+        self.scrub_now().await
+    }
+
+    async fn scrub_status(
+        &self,
+        _req: Request<ScrubRequest>,
+    ) -> Result<Response<ScrubResponse>, Status> {
+        self.scrub_status_now().await
+    }
+
     async fn pool_status(
         &self,
         _req: Request<PoolStatusRequest>,
@@ -972,7 +1000,9 @@ impl PoolService for ControlService {
             if let Some(Ok(s)) = st.get(&n.id) {
                 np.reachable = true;
                 np.disks = s.disks.len() as u32;
-                for d in &s.disks {
+                let mut node_disks = s.disks.clone();
+                disks::annotate(&view, n.id, &mut node_disks);
+                for d in &node_disks {
                     np.capacity_bytes += d.capacity_bytes;
                     np.used_bytes += d.used_bytes;
                     np.free_bytes += d.free_bytes;
