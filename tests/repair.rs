@@ -355,3 +355,129 @@ fn a_rebuild_copies_no_faster_than_the_repair_bandwidth() {
         "{copied} bytes were rebuilt in {took:?}, faster than 4 MiB/s allows ({floor:?})"
     );
 }
+
+/// A 4 KiB block tagged with `TAG` and its number.
+fn tagged(k: u64) -> Vec<u8> {
+    let mut b = vec![(k as u8) ^ 0xa5; 4096];
+    b[..8].copy_from_slice(TAG);
+    b[8..16].copy_from_slice(&k.to_le_bytes());
+    b
+}
+
+const TAG: &[u8; 8] = b"S2DFAILD";
+
+#[test]
+fn a_disk_with_too_many_checksum_failures_is_failed_and_its_copies_rebuilt_elsewhere() {
+    let mut c = Cluster::start_with(
+        4,
+        NodeOptions {
+            extra_args: vec!["--disk-error-limit", "4"],
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "f",
+            "--size",
+            "16MiB",
+            "--resiliency",
+            "mirror-2",
+        ],
+    );
+    let blocks = 2048; // 8 MiB
+    {
+        let mut h = NbdClient::connect(c.node(1).nbd, "f")
+            .unwrap_or_else(|e| panic!("NBD open on node 1: {e}\n{}", c.logs(&[1])));
+        for chunk in 0..blocks / 256 {
+            let data: Vec<u8> = (chunk * 256..(chunk + 1) * 256).flat_map(tagged).collect();
+            h.write(chunk * MIB, &data, false)
+                .unwrap_or_else(|e| panic!("write MiB {chunk}: {e:?}"));
+        }
+        h.flush().expect("flush");
+        h.disconnect();
+    }
+    // Rot 8 blocks of the copies on a node other than node 1.
+    let victim = (2..=4)
+        .find(|i| {
+            c.node(*i)
+                .disk_paths()
+                .iter()
+                .any(|d| !harness::ondisk::find_tagged_blocks(d, TAG).is_empty())
+        })
+        .expect("a node other than n1 holds copies");
+    let victim_name = harness::cluster::node_name(victim);
+    let disk = c.node(victim).disk_paths()[0].clone();
+    let held = harness::ondisk::find_tagged_blocks(&disk, TAG);
+    assert!(
+        held.len() >= 8,
+        "the victim's disk holds copies: {}",
+        held.len()
+    );
+    for (at, _) in held.iter().step_by(held.len() / 8).take(8) {
+        harness::ondisk::flip_byte(&disk, at + 100);
+    }
+
+    // The scrub reads every copy: it repairs the blocks, and the disk's
+    // checksum failures pass the limit of 4.
+    let o = c.ctl(1, &["--json", "pool", "scrub", "--wait"]);
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "the scrub repaired everything: {report}"
+    );
+    c.wait_for(
+        "the failed disk's copies to be rebuilt on other nodes",
+        secs(60),
+        |c| {
+            let p: Value = c.try_json(1, &["pool", "status"])?;
+            let d = p["disks"]
+                .as_array()
+                .and_then(|ds| {
+                    ds.iter()
+                        .find(|d| d["path"] == disk.display().to_string().as_str())
+                })
+                .cloned()
+                .ok_or("the disk is not listed")?;
+            let now = copies(c, 1, "f")?;
+            let on_victim = now.iter().filter(|(_, n, _)| *n == victim_name).count();
+            let all_current = now.iter().all(|(_, _, s)| s == "current");
+            if d["state"] == "failed" && on_victim == 0 && all_current {
+                Ok(())
+            } else {
+                Err(format!("disk {d}; copies {now:?}"))
+            }
+        },
+    );
+    let (code, text) = health(&c, 2);
+    assert!(
+        code == Some(2) && text.contains("failed") && text.contains(&victim_name),
+        "health names the failed disk until it is replaced: {text}"
+    );
+    let o = c.ctl(2, &["volume", "verify", "f"]);
+    assert!(
+        o.status.success(),
+        "verify after the rebuild: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    c.wait_for("f to be let go", secs(15), |c| {
+        let v: Value = c.try_json(1, &["volume", "show", "f"])?;
+        match v["attached_to"].as_str().unwrap_or_default() {
+            "" => Ok(()),
+            a => Err(format!("attached to {a}")),
+        }
+    });
+    let reader = if victim == 3 { 4 } else { 3 };
+    let mut h = NbdClient::connect(c.node(reader).nbd, "f")
+        .unwrap_or_else(|e| panic!("NBD open on node {reader}: {e}"));
+    for chunk in 0..blocks / 256 {
+        let want: Vec<u8> = (chunk * 256..(chunk + 1) * 256).flat_map(tagged).collect();
+        let got = h
+            .read(chunk * MIB, MIB as u32)
+            .unwrap_or_else(|e| panic!("read MiB {chunk}: {e:?}"));
+        assert!(got == want, "MiB {chunk} reads wrong after the disk failed");
+    }
+    h.disconnect();
+}

@@ -84,6 +84,8 @@ pub struct NodeOptions {
     pub meta_snapshot_every: Option<u64>,
     /// RUST_LOG of the process (default "info").
     pub rust_log: Option<&'static str>,
+    /// More flags, e.g. `["--disk-error-limit", "4"]`.
+    pub extra_args: Vec<&'static str>,
 }
 
 impl Default for NodeOptions {
@@ -102,6 +104,7 @@ impl Default for NodeOptions {
             repair_bandwidth: None,
             meta_snapshot_every: None,
             rust_log: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -220,6 +223,7 @@ impl Node {
         if let Some(n) = self.opts.meta_snapshot_every {
             c.arg("--meta-snapshot-every").arg(n.to_string());
         }
+        c.args(&self.opts.extra_args);
         c
     }
 

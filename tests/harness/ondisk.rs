@@ -5,24 +5,45 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-/// Offsets in `path` of the 4 KiB blocks that hold exactly `block`.
-pub fn find_block(path: &Path, block: &[u8]) -> Vec<u64> {
+/// Calls `each` with the offset and bytes of every 4 KiB block of `path`.
+fn scan(path: &Path, mut each: impl FnMut(u64, &[u8])) {
     let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
-    let mut hits = Vec::new();
     loop {
         let n = read_full(&mut f, &mut buf);
         for (k, b) in buf[..n].chunks_exact(4096).enumerate() {
-            if b == block {
-                hits.push(at + k as u64 * 4096);
-            }
+            each(at + k as u64 * 4096, b);
         }
         if n < buf.len() {
-            return hits;
+            return;
         }
         at += n as u64;
     }
+}
+
+/// Offsets in `path` of the 4 KiB blocks that hold exactly `block`.
+pub fn find_block(path: &Path, block: &[u8]) -> Vec<u64> {
+    let mut hits = Vec::new();
+    scan(path, |at, b| {
+        if b == block {
+            hits.push(at);
+        }
+    });
+    hits
+}
+
+/// Offsets in `path` of the 4 KiB blocks that start with `prefix`, with
+/// the little-endian u64 that follows it (one pass over the file).
+pub fn find_tagged_blocks(path: &Path, prefix: &[u8]) -> Vec<(u64, u64)> {
+    let mut hits = Vec::new();
+    scan(path, |at, b| {
+        if let Some(tag) = b.strip_prefix(prefix).and_then(|t| t.get(..8)) {
+            let tag = u64::from_le_bytes(tag.try_into().unwrap_or_default());
+            hits.push((at, tag));
+        }
+    });
+    hits
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {

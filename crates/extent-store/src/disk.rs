@@ -79,6 +79,8 @@ pub struct Disk {
     /// Serialises writes of the intent area, so an older image never
     /// lands after a newer one.
     intent_io: tokio::sync::Mutex<()>,
+    /// I/O errors and checksum failures since the disk was opened.
+    errors: AtomicU64,
 }
 
 // SAFETY: csum_ptr points into _csum_map, which lives as long as the Disk and
@@ -314,6 +316,7 @@ impl Disk {
             records: Mutex::new(records),
             table_io: tokio::sync::Mutex::new(()),
             intent_io: tokio::sync::Mutex::new(()),
+            errors: AtomicU64::new(0),
             intent: Mutex::new(IntentState {
                 bits: bits.to_vec(),
                 regions: HashMap::new(),
@@ -333,7 +336,13 @@ impl Disk {
     }
 
     fn io(&self, what: &str, e: std::io::Error) -> StoreError {
+        self.errors.fetch_add(1, Ordering::Relaxed);
         io_err(&self.path, what, e)
+    }
+
+    /// I/O errors and checksum failures since the disk was opened.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// Snapshot of the extent table: `None` for a record damaged in both copies.
@@ -577,6 +586,7 @@ impl Disk {
                 }
                 Some(block) => {
                     crate::metrics::CHECKSUM_ERRORS.fetch_add(1, Ordering::Relaxed);
+                    self.errors.fetch_add(1, Ordering::Relaxed);
                     let disk_offset = self.layout.extent_offset(extent) + block * BS;
                     tracing::error!(disk = %self.path.display(), extent, block, disk_offset, "checksum mismatch on read");
                     return Err(StoreError::Checksum {

@@ -24,6 +24,8 @@ pub const DEFAULT_IO_POLL: Duration = Duration::from_micros(50);
 pub const DEFAULT_REBUILD_AFTER: Duration = Duration::from_secs(300);
 /// Every volume is scrubbed once a week by default.
 pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// I/O errors and checksum failures after which a disk is failed.
+pub const DEFAULT_DISK_ERROR_LIMIT: u64 = 32;
 /// A scrub reads at most this many bytes per second by default.
 pub const DEFAULT_SCRUB_BANDWIDTH: u64 = 64 << 20;
 /// Raft entries between metadata snapshots.
@@ -52,6 +54,7 @@ pub struct FileConfig {
     pub io_poll: Option<String>,
     pub scrub_interval: Option<String>,
     pub scrub_bandwidth: Option<String>,
+    pub disk_error_limit: Option<u64>,
 }
 
 /// The flags that can also come from the file.
@@ -77,6 +80,7 @@ pub struct FlagConfig {
     pub io_poll: Option<String>,
     pub scrub_interval: Option<String>,
     pub scrub_bandwidth: Option<String>,
+    pub disk_error_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +117,9 @@ pub struct Config {
     pub scrub_interval: Option<Duration>,
     /// Bytes per second one scrub may read (None: no limit).
     pub scrub_bandwidth: Option<u64>,
+    /// A disk with more I/O errors and checksum failures than this (since
+    /// storaged started) is failed: its copies are rebuilt elsewhere.
+    pub disk_error_limit: u64,
 }
 
 /// Parse a size such as `4GiB`, `512MiB`, `10GB` or `4096` (bytes).
@@ -282,6 +289,11 @@ impl Config {
             repair_bandwidth,
             scrub_interval,
             scrub_bandwidth,
+            disk_error_limit: flags
+                .disk_error_limit
+                .or(file.disk_error_limit)
+                .unwrap_or(DEFAULT_DISK_ERROR_LIMIT)
+                .max(1),
             io_poll,
         })
     }

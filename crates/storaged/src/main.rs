@@ -116,6 +116,11 @@ struct Cli {
     /// no limit.
     #[arg(long)]
     scrub_bandwidth: Option<String>,
+    /// Fail a disk after this many I/O errors and checksum failures (since
+    /// start): the cluster stops using it and rebuilds its copies elsewhere
+    /// (default 32).
+    #[arg(long)]
+    disk_error_limit: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -239,6 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         io_poll: cli.io_poll,
         scrub_interval: cli.scrub_interval,
         scrub_bandwidth: cli.scrub_bandwidth,
+        disk_error_limit: cli.disk_error_limit,
     })?;
     if cfg.disks.len() > volume::DISKS_MAX {
         bail!(
@@ -351,6 +357,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         meta.clone(),
         manager.clone(),
         replicas.clone(),
+        cfg.disk_error_limit,
     ));
     let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -687,6 +694,7 @@ async fn follow_metadata(
     meta: meta_service::MetaHandle,
     manager: Arc<manager::Manager>,
     replicas: Arc<replica::ReplicaService>,
+    disk_error_limit: u64,
 ) {
     let mut rx = meta.subscribe();
     let mut applied = 0;
@@ -709,6 +717,7 @@ async fn follow_metadata(
                 manager.store().set_accepting(i, online);
             }
         }
+        fail_bad_disks(&meta, &manager, &view, disk_error_limit).await;
         manager.drive_resyncs(&view);
         manager.drive_scrubs(&view);
         // Also look again now and then: a resync that stopped is retried.
@@ -716,6 +725,36 @@ async fn follow_metadata(
             tokio::time::timeout(std::time::Duration::from_secs(2), rx.changed()).await
         {
             return;
+        }
+    }
+}
+
+/// Fails (through Raft) each of this node's disks that saw more than
+/// `limit` I/O errors and checksum failures: no new extents go to it and
+/// the cluster rebuilds its copies elsewhere (`mirror::lost_copy`).
+async fn fail_bad_disks(
+    meta: &meta_service::MetaHandle,
+    manager: &manager::Manager,
+    view: &meta_service::MetaView,
+    limit: u64,
+) {
+    use meta::state::DiskState;
+    for (i, d) in manager.store().disks().iter().enumerate() {
+        let id = replica::meta_disk_id(view.this, i);
+        let Some(md) = view.state.disks.get(&id) else {
+            continue;
+        };
+        let in_use = md.state == DiskState::Online as i32 || md.state == DiskState::Draining as i32;
+        if !in_use || d.errors() <= limit {
+            continue;
+        }
+        tracing::error!(disk = %d.path.display(), errors = d.errors(), limit, "disk failed: too many I/O errors and checksum failures; its copies are rebuilt elsewhere");
+        let op = meta::state::Op::SetDiskState(meta::state::SetDiskState {
+            disk: id,
+            state: DiskState::Failed as i32,
+        });
+        if let Err(e) = meta.propose(op).await {
+            tracing::warn!(disk = %d.path.display(), error = %e, "recording the disk failure failed; retrying");
         }
     }
 }

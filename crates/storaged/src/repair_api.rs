@@ -40,12 +40,10 @@ fn repair_of(
     let mut waiting_on = std::collections::BTreeSet::new();
     for s in v.slabs.values() {
         for c in &s.replicas {
-            let down = view
-                .state
-                .nodes
-                .get(&c.node)
-                .is_none_or(|n| n.state != NodeState::Up as i32);
-            if crate::mirror::lost_node(view, c.node, rebuild_after) {
+            let down = view.state.nodes.get(&c.node).is_none_or(|n| {
+                n.state != NodeState::Up as i32 && n.state != NodeState::Maintenance as i32
+            });
+            if crate::mirror::lost_copy(view, c, rebuild_after) {
                 r.lost_copies += 1;
             } else if c.state == ReplicaState::Current as i32 && down {
                 r.down_copies += 1;

@@ -1136,6 +1136,19 @@ impl ClusterService for ControlService {
                 problems.push(format!("node {} is down{since}", n.name));
             }
         }
+        for d in st.disks.values() {
+            if d.state == ms::DiskState::Failed as i32 {
+                let node = st.nodes.get(&d.node);
+                if node.is_none_or(|n| n.state == NodeState::Retired as i32) {
+                    continue;
+                }
+                problems.push(format!(
+                    "disk {} of node {} failed (too many I/O errors or checksum failures); its copies are rebuilt elsewhere; replace it",
+                    d.id & 0xffff,
+                    node.map_or(String::new(), |n| n.name.clone())
+                ));
+            }
+        }
         let name_of = |id: u64| {
             st.nodes
                 .get(&id)
@@ -1143,15 +1156,23 @@ impl ClusterService for ControlService {
         };
         let mut attached = Vec::new();
         for v in st.volumes.values().filter(|v| v.home_node == 0) {
-            let (mut stale, mut resyncing, mut down) = (0, 0, 0);
+            let (mut stale, mut resyncing, mut down, mut moving) = (0, 0, 0, 0);
             let mut on = std::collections::BTreeSet::new();
             let mut down_on = std::collections::BTreeSet::new();
             for s in v.slabs.values() {
                 for r in &s.replicas {
-                    let node_down = st
-                        .nodes
-                        .get(&r.node)
-                        .is_none_or(|n| n.state != NodeState::Up as i32);
+                    // The new copy of a move: an extra, filling while the
+                    // leaving one still counts.
+                    if s.moving_from != 0
+                        && r.node != s.moving_from
+                        && r.state != ms::ReplicaState::Current as i32
+                    {
+                        moving += 1;
+                        continue;
+                    }
+                    let node_down = st.nodes.get(&r.node).is_none_or(|n| {
+                        n.state != NodeState::Up as i32 && n.state != NodeState::Maintenance as i32
+                    });
                     if r.state == ms::ReplicaState::Current as i32 && node_down {
                         down += 1;
                         down_on.insert(name_of(r.node));
@@ -1182,7 +1203,13 @@ impl ClusterService for ControlService {
             if resyncing > 0 {
                 repairs.push(format!("volume {}: {resyncing} copies resyncing", v.name));
             }
-            if stale + resyncing > 0
+            if moving > 0 {
+                repairs.push(format!(
+                    "volume {}: {moving} copies moving off draining nodes or disks",
+                    v.name
+                ));
+            }
+            if stale + resyncing + moving > 0
                 && let Some(a) = &v.attachment
             {
                 attached.push((v.name.clone(), a.node));

@@ -73,18 +73,26 @@ pub fn lost_node(view: &MetaView, id: u64, rebuild_after: Duration) -> bool {
     }
 }
 
-/// Slabs of `name` with a copy on a lost node (see [`lost_node`]).
+/// Whether a copy is lost: its node is (see [`lost_node`]), or its disk
+/// failed.
+pub fn lost_copy(view: &MetaView, r: &Replica, rebuild_after: Duration) -> bool {
+    let disk_failed = r.extent != UNPLACED
+        && view
+            .state
+            .disks
+            .get(&r.disk)
+            .is_some_and(|d| d.state == meta::state::DiskState::Failed as i32);
+    disk_failed || lost_node(view, r.node, rebuild_after)
+}
+
+/// Slabs of `name` with a lost copy (see [`lost_copy`]).
 pub fn slabs_to_rebuild(view: &MetaView, name: &str, rebuild_after: Duration) -> Vec<u64> {
     let Some(v) = view.state.volumes.get(name) else {
         return Vec::new();
     };
     v.slabs
         .iter()
-        .filter(|(_, s)| {
-            s.replicas
-                .iter()
-                .any(|r| lost_node(view, r.node, rebuild_after))
-        })
+        .filter(|(_, s)| s.replicas.iter().any(|r| lost_copy(view, r, rebuild_after)))
         .map(|(n, _)| *n)
         .collect()
 }
@@ -221,7 +229,7 @@ impl MirrorVolume {
             let Some(old) = v.slabs.get(&slab) else {
                 return Ok(false);
             };
-            let lost = |r: &Replica| lost_node(&view, r.node, rebuild_after);
+            let lost = |r: &Replica| lost_copy(&view, r, rebuild_after);
             if !old.replicas.iter().any(lost) {
                 return Ok(false);
             }
