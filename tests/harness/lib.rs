@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod iscsi;
 pub mod nbd;
+pub mod netns;
 pub mod ondisk;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
