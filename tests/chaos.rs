@@ -2,7 +2,15 @@
 //!
 //! A real cluster of 5 storaged nodes (`--down-after 1s`, one 256 MiB disk
 //! and 4 MiB extents each) serves a 64 MiB `mirror-3` and a 64 MiB
-//! `mirror-2` volume. One thread per volume runs a verifying workload over
+//! `mirror-2` volume. Every node runs in a network namespace of its own,
+//! on two networks bridged in the root namespace (cluster: gRPC, Raft and
+//! replication; client: NBD), and keeps its disk file on a 320 MiB ext4
+//! filesystem of its own, loop-mounted under `/var/tmp/s2d-chaos-<pid>`
+//! (`harness::netns` has the layout, and removes all of it at the end,
+//! after a panic too, or at the next run after a kill -9 of the test).
+//! s2dctl and the writers stay in the root namespace. The suite needs
+//! root, iproute2, loop devices and mkfs.ext4 (CI has them) and names the
+//! one that is missing. One thread per volume runs a verifying workload over
 //! NBD (the harness's raw client): batches of 1 to 8 writes in flight at
 //! once, each 4 KiB of unique content (a header naming the volume, the
 //! offset and a sequence number, then a pattern derived from them) at
@@ -23,7 +31,8 @@
 //! out (the request may still be running there).
 //!
 //! Faults come in rounds from a seeded RNG, one at a time, never more than
-//! one node down (the write quorum of both volumes allows one):
+//! one node down, cut off or full (the write quorum of both volumes allows
+//! one):
 //! - `kill`: kill -9 a node (half the time one serving a volume) and
 //!   restart it after 0.2-0.8 s (less than `down_after`) or 1.5-5 s (more);
 //! - `pause`: SIGSTOP a node, SIGCONT after 0.2-0.8 s, 1.5-5 s, or 10-13 s
@@ -34,25 +43,54 @@
 //!   a block holding the latest acknowledged write to its offset (found by
 //!   searching the disk file for the writer's header). The round's check
 //!   reads the volume through that node (it reads its own copy first),
-//!   which must return the good data and repair the copy on disk.
+//!   which must return the good data and repair the copy on disk;
+//! - `partition`: set the host end of a node's cluster-network veth down
+//!   (half the time its client-network veth too) for 0.3-0.8 s or
+//!   1.5-5 s: the process runs on and keeps its sockets, every packet to or
+//!   from it is dropped; then set it up again. As with a paused node, the
+//!   writers do not pick it meanwhile, but one already connected to it
+//!   stays (and still reaches it when only the cluster network is cut);
+//! - `partition-failover`: cut a coordinator off the cluster network only,
+//!   for 10-13 s: its client still reaches it, its writes time out on the
+//!   replicas and fail (EIO, or the client's 8 s timeout), the writer
+//!   moves to another node, which takes the volume over; when the network
+//!   is back, the old coordinator, alive all along, must be fenced (its
+//!   late replica writes refused). Not longer: see the ignored test at the
+//!   end (a takeover from a cut-off holder waits 3 s per slab);
+//! - `disk-full`: fallocate every free block of a node's filesystem to a
+//!   filler file for 1.5-5 s (and until some node logged a write failing
+//!   with ENOSPC on that disk, at most 10 s more; else the run fails, the
+//!   fault must take). Writes into blocks of the sparse disk file never
+//!   written before fail with ENOSPC, overwrites succeed; the coordinators
+//!   mark the node's copies stale and acknowledge on the others; resyncs
+//!   to it fail until the filler is deleted, then bring the copies back.
+//!   The node stays up and reachable throughout.
 //!
-//! The first four rounds of the default schedule are one each of: kill
-//! below `down_after`, kill above it, a pause, a corruption (seeded order).
+//! `S2D_CHAOS_FAULTS` names the kinds `KillShort`, `KillLong`,
+//! `PauseShort`, `PauseLong`, `PauseFailover`, `Corrupt`, `Partition`,
+//! `PartitionFailover`, `DiskFull`. The first six rounds of the default
+//! schedule are one each of: kill below `down_after`, kill above it, a
+//! pause (one of the three), a corruption, a partition (one of the two), a
+//! full disk (seeded order); further rounds draw from all kinds.
 //!
 //! After every round: the writers pause and flush; `s2dctl --json volume
 //! show` on every node must name the writer's node in `attached_to` (at
 //! most one writer per volume); the writers disconnect; every block of both
 //! volumes is read back through a node (the corrupted one, else a random
 //! one) and checked against the model; every copy of every slab must become
-//! `current` within 60 s (the resync bound); both volumes must detach and
-//! `s2dctl volume verify` exit 0 ("copies identical"). Then the writers
-//! reconnect through random nodes and the next round starts.
+//! `current`, and `s2dctl health` must say healthy (exit 0), within 60 s
+//! of the end of the read-back (the healthy-again bound; every partition
+//! is healed and every filler deleted before the check starts); both
+//! volumes must detach and `s2dctl volume verify` exit 0 ("copies
+//! identical"). Then the writers reconnect through random nodes and the
+//! next round starts.
 //!
 //! What fails the run: a block that reads as something the model does not
 //! allow, `attached_to` naming another node than the writer's (or none), a
-//! copy not current after 60 s, verify not passing, a flipped block not
-//! repaired, an I/O error in the read-back (no fault is active then), a
-//! volume no node serves for 30 s, a node that does not restart. EIO,
+//! copy not current or health not healthy 60 s after the read-back, verify
+//! not passing, a flipped block not repaired, a full disk no write hit, an
+//! I/O error in the read-back (no fault is active then), a volume no node
+//! serves for 30 s, a node that does not restart. EIO,
 //! broken connections and timeouts during faults are allowed (they make
 //! "maybe" writes) and counted in the summary lines.
 //!
@@ -63,24 +101,31 @@
 //! EIO after 5 s when the Raft leader holding a copy was killed (the stale
 //! marking was proposed once, to the dead leader).
 //!
-//! Not in this version: network partitions (they need network namespaces),
-//! more than one fault at a time, disk failures other than a flipped bit.
+//! Last, an ignored test reproduces a server bug the partition fault found
+//! (see its comment): a takeover from a holder cut off the network takes
+//! 3 s per slab with a copy on it (51 s for 16 slabs).
+//!
+//! Not in this version: more than one fault at a time, partitions that
+//! split the cluster into groups of several nodes, disk failures other
+//! than a flipped bit and a full filesystem.
 //!
 //! # Running
 //!
 //! ```text
 //! cargo build --bins
-//! cargo test -p s2d-tests --test chaos -- --nocapture     # all: ~1.5 min (main test: 6 rounds, ~1 min)
+//! cargo test -p s2d-tests --test chaos -- --nocapture     # all, as root: ~2 min (main test: 7 rounds, ~80 s)
 //! cargo test -p s2d-tests --test chaos mirrored -- --nocapture   # the main test only
 //! S2D_CHAOS_ROUNDS=10 cargo test -p s2d-tests --test chaos -- --nocapture
 //! S2D_CHAOS_LONG=1 cargo test -p s2d-tests --test chaos -- --nocapture   # 30 longer rounds, ~6 min
 //! S2D_CHAOS_SEED=0x1234 cargo test -p s2d-tests --test chaos -- --nocapture
+//! S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull ...   # only these kinds, at random
+//! cargo test -p s2d-tests --test chaos -- --ignored --nocapture   # the server bug's reproduction
 //! S2D_CHAOS_LOG_DIR=/var/tmp/chaos ...  # also keep every node's whole log in <dir>/<seed>/nN.log
 //! ```
 //!
 //! The seed is printed first (`chaos seed: 0x...`); `S2D_CHAOS_SEED` (hex
-//! with 0x, or decimal) with the same `S2D_CHAOS_ROUNDS`/`S2D_CHAOS_LONG`
-//! reruns it: the same faults, delays and workload choices in the same
+//! with 0x, or decimal) with the same `S2D_CHAOS_ROUNDS`/`S2D_CHAOS_LONG`/
+//! `S2D_CHAOS_FAULTS` reruns it (the failure message prints the command): the same faults, delays and workload choices in the same
 //! order. Timing is real, so a rerun is close to, not exactly, the same
 //! interleaving (a target "the node serving chaos-m3" is whichever it is
 //! then).
@@ -97,12 +142,19 @@
 //! bytes), and the block's last writes. Then the fault schedule so far,
 //! each writer's counters with its recent errors and reconnections, each
 //! volume's slab layout (`volume show`), and the last 40 log lines of each
-//! node. Times are seconds since the start; the first lines say which
+//! node (with its namespace and address: node i is 10.R.1.(10+i) on the
+//! cluster network, 10.R.2.(10+i) for NBD, R printed at the start).
+//! Partition lines say which networks were cut and for how long; full-disk
+//! lines how much the filler took, what was left available, and how many
+//! log lines name ENOSPC on the node's disk (they are in the coordinators'
+//! logs: "marking replicas stale ... No space left on device (os error
+//! 28)"). Times are seconds since the start; the first lines say which
 //! wall-clock time (the nodes' log clock) the start was.
 
 use harness::NodeOptions;
 use harness::cluster::{Cluster, json_list, node_name, small_node};
 use harness::nbd::{NbdClient, NbdError};
+use harness::netns::{Cut, NetCluster};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -127,6 +179,8 @@ const SERVE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long copies may take to be all `current` once the faults stop.
 const CURRENT_DEADLINE: Duration = Duration::from_secs(60);
 const DETACH_DEADLINE: Duration = Duration::from_secs(15);
+/// How much longer a full disk stays full when no write has hit it yet.
+const FULL_HIT_DEADLINE: Duration = Duration::from_secs(10);
 /// The writers' socket timeout for one request.
 const IO_TIMEOUT: Duration = Duration::from_secs(8);
 /// A handshake includes attaching the volume (a takeover, reconciling
@@ -140,7 +194,7 @@ const HOT_BLOCKS: u64 = 256;
 const HEADER: usize = 32;
 const MAGIC: [u8; 8] = *b"S2DCHAOS";
 /// Default number of rounds (`S2D_CHAOS_ROUNDS`), and with `S2D_CHAOS_LONG`.
-const ROUNDS_SHORT: usize = 6;
+const ROUNDS_SHORT: usize = 7;
 const ROUNDS_LONG: usize = 30;
 
 /// The cluster tests of this file run one at a time (cargo runs a test
@@ -1021,12 +1075,70 @@ enum Fault {
     /// SIGSTOP a coordinator for longer than the client timeout.
     PauseFailover,
     Corrupt,
+    /// Cut a node off the cluster network (half the time off its clients'
+    /// too) for 0.3-0.8 s or 1.5-5 s.
+    Partition,
+    /// Cut a coordinator off the cluster network for longer than the
+    /// client timeout; its client still reaches it. 10-13 s, not more:
+    /// the takeover of a cut-off holder takes 3 s per slab with a copy on
+    /// it (a server bug, see the ignored test at the end), so a longer cut
+    /// would fail the run on the 30 s serve deadline.
+    PartitionFailover,
+    /// Fill a node's filesystem for 1.5-5 s.
+    DiskFull,
 }
 
-fn schedule(rng: &mut Rng, rounds: usize, long: bool) -> Vec<Fault> {
+/// Every fault kind, by the name `S2D_CHAOS_FAULTS` uses.
+const FAULT_NAMES: [(&str, Fault); 9] = [
+    ("KillShort", Fault::KillShort),
+    ("KillLong", Fault::KillLong),
+    ("PauseShort", Fault::PauseShort),
+    ("PauseLong", Fault::PauseLong),
+    ("PauseFailover", Fault::PauseFailover),
+    ("Corrupt", Fault::Corrupt),
+    ("Partition", Fault::Partition),
+    ("PartitionFailover", Fault::PartitionFailover),
+    ("DiskFull", Fault::DiskFull),
+];
+
+/// `S2D_CHAOS_FAULTS=DiskFull,Partition`: only these kinds, drawn at
+/// random each round.
+fn only_faults() -> Option<Vec<Fault>> {
+    let v = std::env::var("S2D_CHAOS_FAULTS").ok()?;
+    let kinds: Vec<Fault> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            FAULT_NAMES
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, f)| *f)
+                .unwrap_or_else(|| {
+                    let names: Vec<&str> = FAULT_NAMES.iter().map(|(n, _)| *n).collect();
+                    panic!("S2D_CHAOS_FAULTS: unknown fault {k:?}; the kinds are {names:?}")
+                })
+        })
+        .collect();
+    assert!(!kinds.is_empty(), "S2D_CHAOS_FAULTS names no fault");
+    Some(kinds)
+}
+
+fn schedule(rng: &mut Rng, rounds: usize, long: bool, only: Option<&[Fault]>) -> Vec<Fault> {
     use Fault::*;
+    if let Some(kinds) = only {
+        return (0..rounds).map(|_| rng.pick(kinds)).collect();
+    }
     let pauses = [PauseShort, PauseLong, PauseFailover];
-    let mut first = vec![KillShort, KillLong, rng.pick(&pauses), Corrupt];
+    let partitions = [Partition, PartitionFailover];
+    let mut first = vec![
+        KillShort,
+        KillLong,
+        rng.pick(&pauses),
+        Corrupt,
+        rng.pick(&partitions),
+        DiskFull,
+    ];
     rng.shuffle(&mut first);
     let all = [
         KillShort,
@@ -1038,6 +1150,11 @@ fn schedule(rng: &mut Rng, rounds: usize, long: bool) -> Vec<Fault> {
         PauseFailover,
         Corrupt,
         Corrupt,
+        Partition,
+        Partition,
+        PartitionFailover,
+        DiskFull,
+        DiskFull,
     ];
     let mut s = if long { Vec::new() } else { first };
     while s.len() < rounds {
@@ -1100,7 +1217,7 @@ fn layout(v: &Value) -> String {
 }
 
 struct Chaos {
-    c: Cluster,
+    c: NetCluster,
     seed: u64,
     rounds: usize,
     long: bool,
@@ -1126,7 +1243,10 @@ impl Chaos {
 
     fn fail(&mut self, what: &str) -> ! {
         self.shared.abort.store(true, Ordering::SeqCst);
-        let long = if self.long { " S2D_CHAOS_LONG=1" } else { "" };
+        let mut long = if self.long { " S2D_CHAOS_LONG=1" } else { "" }.to_string();
+        if let Ok(f) = std::env::var("S2D_CHAOS_FAULTS") {
+            write!(long, " S2D_CHAOS_FAULTS={f}").unwrap();
+        }
         let mut m = format!(
             "\nCHAOS FAILURE: seed {:#x}, round {} of {}, {:.2}s in (at {})\n\
              rerun: S2D_CHAOS_SEED={:#x} S2D_CHAOS_ROUNDS={}{long} \
@@ -1183,7 +1303,7 @@ impl Chaos {
         let dir = PathBuf::from(dir).join(format!("{:#x}", self.seed));
         std::fs::create_dir_all(&dir).expect("create S2D_CHAOS_LOG_DIR");
         for i in self.c.all() {
-            let from = self.c.node(i).dir.path().join("storaged.log");
+            let from = self.c.node(i).log_path();
             let _ = std::fs::copy(&from, dir.join(format!("{}.log", node_name(i))));
         }
         eprintln!("node logs copied to {}", dir.display());
@@ -1341,7 +1461,119 @@ impl Chaos {
                 None
             }
             Fault::Corrupt => self.corrupt(),
+            Fault::Partition | Fault::PartitionFailover => {
+                let failover = f == Fault::PartitionFailover;
+                let node = self.target(failover);
+                let (cut, d) = if failover {
+                    (Cut::Cluster, self.rng.millis(10_000, 13_000))
+                } else {
+                    let cut = if self.rng.chance(50) {
+                        Cut::All
+                    } else {
+                        Cut::Cluster
+                    };
+                    let d = if self.rng.chance(30) {
+                        self.rng.millis(300, 800)
+                    } else {
+                        self.rng.millis(1500, 5000)
+                    };
+                    (cut, d)
+                };
+                let who = self.role(node);
+                // Like a paused node: the writers do not pick it while it
+                // is cut off (a client already connected to it stays,
+                // and reaches it when only the cluster network is cut).
+                self.shared.set_available(node, false);
+                if let Err(e) = self.c.partition(node, cut) {
+                    self.fail(&format!("cannot partition {}: {e}", node_name(node)));
+                }
+                let what = match cut {
+                    Cut::Cluster => "the cluster network (its NBD clients still reach it)",
+                    Cut::All => "both networks",
+                };
+                self.note(format!("partition {who} off {what} for {:.2}s", secs(d)));
+                self.sleep(d);
+                if let Err(e) = self.c.heal(node) {
+                    self.fail(&format!("cannot heal {}: {e}", node_name(node)));
+                }
+                self.shared.set_available(node, true);
+                self.note(format!("{} back on the network", node_name(node)));
+                None
+            }
+            Fault::DiskFull => {
+                self.disk_full();
+                None
+            }
         }
+    }
+
+    /// Log lines of all nodes that report ENOSPC from `node`'s disk (the
+    /// coordinator of the failed write logs it, when it marks the copy
+    /// stale or a resync stops).
+    fn enospc_lines(&self, node: usize) -> usize {
+        let disks: Vec<String> = self
+            .c
+            .node(node)
+            .disk_paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        self.c
+            .all()
+            .into_iter()
+            .map(|i| {
+                self.c
+                    .node(i)
+                    .log_text()
+                    .lines()
+                    .filter(|l| l.contains("os error 28") && disks.iter().any(|d| l.contains(d)))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Fill a node's filesystem so writes into blocks of its disk file
+    /// that were never written fail with ENOSPC, keep it full for a while
+    /// (and until a write did fail so, at most `FULL_HIT_DEADLINE` more),
+    /// then free it. The node stays up and reachable.
+    fn disk_full(&mut self) {
+        let node = self.target(false);
+        let d = self.rng.millis(1500, 5000);
+        let who = self.role(node);
+        let before = self.enospc_lines(node);
+        let took = match self.c.net.fill_disk(node) {
+            Ok(b) => b,
+            Err(e) => self.fail(&format!("cannot fill {}'s disk: {e}", node_name(node))),
+        };
+        self.note(format!(
+            "filled the filesystem of {who}'s disk: {} MiB filler, {} KiB available; \
+             free again in {:.2}s",
+            took / MIB,
+            self.c.net.disk_free(node) / 1024,
+            secs(d)
+        ));
+        self.sleep(d);
+        let t = Instant::now();
+        let mut hits = self.enospc_lines(node) - before;
+        while hits == 0 && t.elapsed() < FULL_HIT_DEADLINE {
+            self.sleep(Duration::from_millis(250));
+            hits = self.enospc_lines(node) - before;
+        }
+        if hits == 0 {
+            self.fail(&format!(
+                "{}'s filesystem was full for {:.1}s and no node logged a write failing \
+                 with ENOSPC (os error 28) on its disk: the fault did not take",
+                node_name(node),
+                secs(d + t.elapsed())
+            ));
+        }
+        if let Err(e) = self.c.net.free_disk(node) {
+            self.fail(&format!("cannot free {}'s disk: {e}", node_name(node)));
+        }
+        self.note(format!(
+            "freed the filesystem of {} ({hits} log lines name ENOSPC on its disk)",
+            node_name(node)
+        ));
     }
 
     /// Flip a byte of a block holding the latest acknowledged write to its
@@ -1641,6 +1873,20 @@ impl Chaos {
                 secs(tc.elapsed())
             ));
         }
+        let node = 1 + self.rng.below(NODES as u64) as usize;
+        self.wait(
+            &format!(
+                "s2dctl health to say healthy (bound {:.0}s after the read-back)",
+                secs(CURRENT_DEADLINE)
+            ),
+            CURRENT_DEADLINE.saturating_sub(tc.elapsed()),
+            |ch| ch.healthy(node),
+        );
+        self.note(format!(
+            "healthy (s2dctl health on {}) {:.2}s after the read-back",
+            node_name(node),
+            secs(tc.elapsed())
+        ));
         for vol in VOLUMES {
             self.verify(&vol);
         }
@@ -1662,6 +1908,21 @@ impl Chaos {
         }
     }
 
+    /// `s2dctl health` says healthy (exit 0).
+    fn healthy(&self, node: usize) -> Result<(), String> {
+        let o = self.c.ctl(node, &["health"]);
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "s2dctl health on {} ({}): {}",
+                node_name(node),
+                o.status,
+                text(&o).trim_end()
+            ))
+        }
+    }
+
     fn stop(&mut self) {
         for k in 0..self.workers.len() {
             self.command(k, Cmd::Stop, |s| {
@@ -1675,8 +1936,22 @@ impl Chaos {
     }
 }
 
+impl Drop for Chaos {
+    /// On a failure too: the writers stop (they may be blocked in a request
+    /// for up to the I/O timeout) before the nodes and networks go.
+    fn drop(&mut self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
+        for w in &self.workers {
+            w.cv.notify_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
-fn mirrored_volumes_lose_no_acknowledged_write_under_kills_pauses_and_corruption() {
+fn mirrored_volumes_lose_no_acknowledged_write_under_faults() {
     let _one = one_cluster();
     let long = std::env::var("S2D_CHAOS_LONG").is_ok_and(|v| v == "1");
     let seed = env_u64("S2D_CHAOS_SEED").unwrap_or_else(|| {
@@ -1699,15 +1974,22 @@ fn mirrored_volumes_lose_no_acknowledged_write_under_kills_pauses_and_corruption
         utc(std::time::SystemTime::now())
     );
     let mut rng = Rng(seed);
-    let faults = schedule(&mut rng, rounds, long);
+    let only = only_faults();
+    let faults = schedule(&mut rng, rounds, long, only.as_deref());
     eprintln!("fault schedule: {faults:?}");
 
-    let c = Cluster::start_with(
+    let c = NetCluster::start(
         NODES,
         NodeOptions {
             down_after: Some(DOWN_AFTER),
             ..small_node()
         },
+    );
+    eprintln!(
+        "nodes in network namespaces: cluster network 10.{r}.1.0/24, client network \
+         10.{r}.2.0/24; disks on loop-mounted ext4 under /var/tmp/s2d-chaos-{}",
+        std::process::id(),
+        r = c.net.subnet
     );
     for vol in VOLUMES {
         c.ctl_ok(
@@ -1969,5 +2251,116 @@ fn writes_survive_a_kill_of_the_raft_leader_that_holds_a_copy() {
         node_name(via),
         node_name(leader),
         secs(t.elapsed())
+    );
+}
+
+/// Server bug found by the chaos suite's partition fault (ignored until
+/// fixed): a volume whose holder is cut off the network is served by
+/// another node only after 3 s (the replica call timeout) per slab with a
+/// copy on the cut-off node. Attaching after a takeover reconciles the
+/// slabs one at a time (`MirrorVolume::reconcile` -> `reconcile_slab`),
+/// and each slab's `Checksums` call to the unreachable holder, over the
+/// replication connection the new node already had to it (established,
+/// now silent), waits out its 3 s deadline before that one slab's copy is
+/// marked stale ("copies out of reach after a takeover"), although the
+/// node is already marked down. Here 16 slabs, all with a copy on n1:
+/// about 51 s (a 100 GiB volume with 256 MiB extents, a third of them on
+/// the node, would take about 7 minutes). Without an established
+/// connection the connect fails after 2 s and a few slabs after it fail at
+/// once (about 6 s in all). A SIGSTOPped holder keeps its connections too.
+/// The chaos suite keeps its coordinator partitions at 10-13 s, so the
+/// cut-off node is back before its writer's 30 s serve deadline and the
+/// takeover then finishes (seed 0x654178cf646ceec3 with
+/// S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull showed it: each
+/// writer got served only once the partition healed).
+#[test]
+#[ignore = "server bug: a takeover from a cut-off holder waits 3 s per slab with a copy there"]
+fn a_volume_whose_holder_is_cut_off_is_served_by_another_node_within_seconds() {
+    let _one = one_cluster();
+    let c = NetCluster::start(
+        3,
+        NodeOptions {
+            down_after: Some(DOWN_AFTER),
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "cut",
+            "--size",
+            "64MiB",
+            "--resiliency",
+            "mirror-3",
+        ],
+    );
+    let slabs = VOLUME_BYTES / (4 * MIB);
+    // Writes through n2 first, so n2 has replication connections to n1
+    // (idle, established) when n1 is cut off; then n1 holds the volume.
+    let mut first = NbdClient::connect_with_timeout(c.node(2).nbd, "cut", IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("open through n2: {e}"));
+    for k in 0..slabs {
+        let at = k * 4 * MIB;
+        first
+            .write(at, &content(8, at, 1), false)
+            .expect("write through n2");
+    }
+    first.flush().expect("flush");
+    first.disconnect();
+    let t = Instant::now();
+    let mut holder = loop {
+        match NbdClient::connect_with_timeout(c.node(1).nbd, "cut", IO_TIMEOUT) {
+            Ok(cl) => break cl,
+            Err(e) if t.elapsed() < Duration::from_secs(15) => {
+                eprintln!("n1 (waiting for n2 to let the volume go): {e}");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!("open through n1: {e}"),
+        }
+    };
+    for k in 0..slabs {
+        let at = k * 4 * MIB;
+        holder
+            .write(at, &content(8, at, k + 2), false)
+            .expect("write before the partition");
+    }
+    holder.flush().expect("flush");
+    c.partition(1, Cut::All).expect("partition n1");
+    let t = Instant::now();
+    // Node 2 refuses the volume while n1 is up (1 s), then takes it over.
+    let mut cl = loop {
+        match NbdClient::connect_with_timeout(c.node(2).nbd, "cut", Duration::from_secs(120)) {
+            Ok(cl) => break cl,
+            Err(e) if t.elapsed() < Duration::from_secs(120) => {
+                eprintln!("[{:6.2}s] n2: {e}", secs(t.elapsed()));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => panic!(
+                "n2 did not serve the volume in 120 s: {e}\n{}",
+                c.logs(&[2])
+            ),
+        }
+    };
+    let took = t.elapsed();
+    eprintln!(
+        "n2 served the volume {:.2}s after n1 was cut off",
+        secs(took)
+    );
+    for k in 0..slabs {
+        let at = k * 4 * MIB;
+        let got = cl.read(at, BLOCK as u32).expect("read through n2");
+        assert!(got == content(8, at, k + 1), "slab {k} lost its write");
+    }
+    cl.disconnect();
+    c.heal(1).expect("heal n1");
+    drop(holder);
+    assert!(
+        took < Duration::from_secs(10),
+        "with n1 (the holder, marked down after {DOWN_AFTER}) cut off the network, n2 served the \
+         volume only after {:.1}s ({slabs} slabs with a copy on n1)\n{}",
+        secs(took),
+        c.logs(&[2])
     );
 }
