@@ -166,6 +166,18 @@ enum PoolCmd {
         /// index on the node (0 for the first --disk).
         disk: String,
     },
+    /// Add a disk to a running node (it is remembered for the node's next
+    /// starts); existing data is then rebalanced onto it.
+    AddDisk {
+        /// The node to add it to (name or id).
+        node: String,
+        /// Absolute path of a block device or file on that node; a missing
+        /// file is created with the node's --disk-size.
+        path: String,
+    },
+    /// Even out the fill of the pool's disks now: copies move (never
+    /// lowering redundancy) until every disk is within 10 % of the mean.
+    Rebalance,
     /// Scrub every volume now: read every allocated block back against its
     /// checksum, compare mirror copies, repair from a good copy. Exit
     /// status 2 when something could not be repaired or checked.
@@ -431,6 +443,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|s| explain(ep, s))?
                 .into_inner();
             print_as(cli.json, &d, |d| print!("{}", pool::render_removed(d)))?;
+        }
+        Command::Pool(PoolCmd::AddDisk { node, path }) => {
+            let mut c = PoolServiceClient::new(ch);
+            let d = c
+                .add_disk(AddDiskRequest { node, path })
+                .await
+                .map_err(|s| explain(ep, s))?
+                .into_inner();
+            print_as(cli.json, &d, |d| {
+                println!(
+                    "disk {} added to node {}: {} ({} extents); data is rebalanced onto it",
+                    d.path,
+                    d.node,
+                    human(d.capacity_bytes),
+                    d.extents_total
+                )
+            })?;
+        }
+        Command::Pool(PoolCmd::Rebalance) => {
+            let mut c = PoolServiceClient::new(ch);
+            let r = c
+                .rebalance(RebalanceRequest {})
+                .await
+                .map_err(|s| explain(ep, s))?
+                .into_inner();
+            print_as(cli.json, &r, |_| {
+                println!(
+                    "rebalance asked for: copies move until every disk is within 10 % of the mean fill (`pool status` shows the fill, `health` the moves)"
+                )
+            })?;
         }
         Command::Pool(PoolCmd::Scrub { wait, status }) => {
             pool::run_scrub(PoolServiceClient::new(ch), ep, cli.json, wait, status).await?

@@ -294,7 +294,6 @@ impl Disk {
                 .map_mut(&buffered)
         }
         .map_err(|e| io_err(path, "map checksum area", e))?;
-        let csum_ptr = map.as_ptr() as *const AtomicU64;
         let csum_len = layout.csum_bytes as usize / 8;
         let (r, bits) = engine
             .read_exact(
@@ -304,6 +303,9 @@ impl Disk {
             )
             .await;
         r.map_err(|e| io_err(path, "read intent bits", e))?;
+        // Taken after the last await: a raw pointer may not live across one
+        // (the future must stay Send).
+        let csum_ptr = map.as_ptr() as *const AtomicU64;
         let disk = Disk {
             path: path.to_path_buf(),
             sb,

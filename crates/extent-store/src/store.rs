@@ -15,8 +15,8 @@ use crate::error::StoreError;
 use crate::format::{CsumEntry, ExtentOwner};
 use block_api::AlignedBuf;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use uuid::Uuid;
 
 /// Where an extent lives on this node.
@@ -49,13 +49,38 @@ pub struct DiskStatus {
     pub engine: EngineKind,
 }
 
+/// Disks one store holds at most.
+pub const DISKS_MAX: usize = 64;
+
+/// The free extents of a disk, as a stack handing out low extents first
+/// (keeps a young disk compact).
+fn free_list(disk: &Disk) -> Vec<u32> {
+    let mut f: Vec<u32> = disk
+        .records()
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, Some(r) if r.owner.is_none()))
+        .map(|(i, _)| i as u32)
+        .collect();
+    f.reverse();
+    f
+}
+
 pub struct Store {
-    disks: Vec<Arc<Disk>>,
+    /// The disks in `--disk` order, then those added while running
+    /// ([`Store::add_disk`]); the first `count` slots are set, and a set
+    /// slot never changes, so an [`ExtentAddr`] stays valid for good.
+    slots: Box<[OnceLock<Arc<Disk>>]>,
+    count: AtomicUsize,
     extent_size: u64,
     free: Mutex<Vec<Vec<u32>>>,
     /// Per disk: false once the pool stopped placing extents on it (it is
     /// draining or failed); its extents keep serving.
-    accepting: Vec<AtomicBool>,
+    accepting: Box<[AtomicBool]>,
+    /// How disks are opened (and formatted), for disks added later.
+    options: DiskOptions,
+    /// One disk added at a time.
+    adding: tokio::sync::Mutex<()>,
 }
 
 impl Store {
@@ -93,42 +118,101 @@ impl Store {
                     disk_id: disk.sb.disk_id,
                 });
             }
-            // Hand out low extents first: keeps a young disk compact.
-            let mut f: Vec<u32> = disk
-                .records()
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| matches!(r, Some(r) if r.owner.is_none()))
-                .map(|(i, _)| i as u32)
-                .collect();
-            f.reverse();
-            free.push(f);
+            free.push(free_list(&disk));
             disks.push(Arc::new(disk));
         }
+        if disks.len() > DISKS_MAX {
+            return Err(StoreError::Config(format!(
+                "{} disks given; a node takes at most {DISKS_MAX}",
+                disks.len()
+            )));
+        }
+        let slots: Box<[OnceLock<Arc<Disk>>]> = (0..DISKS_MAX).map(|_| OnceLock::new()).collect();
+        for (slot, d) in slots.iter().zip(&disks) {
+            let _ = slot.set(d.clone());
+        }
         Ok(Store {
-            accepting: disks.iter().map(|_| AtomicBool::new(true)).collect(),
-            disks,
+            slots,
+            count: AtomicUsize::new(disks.len()),
+            accepting: (0..DISKS_MAX).map(|_| AtomicBool::new(true)).collect(),
             extent_size: cfg.extent_size,
             free: Mutex::new(free),
+            options: opts,
+            adding: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Opens (formatting it when blank, creating a sparse file of the
+    /// configured size when missing) one more disk into the running store
+    /// and returns its index. Refused, changing nothing, for a disk of
+    /// another pool, one already in the store, or another extent size.
+    pub async fn add_disk(&self, path: &std::path::Path) -> Result<usize, StoreError> {
+        let _one = self.adding.lock().await;
+        let index = self.count.load(Ordering::Acquire);
+        if index >= DISKS_MAX {
+            return Err(StoreError::Config(format!(
+                "the node has {index} disks, the most it can hold"
+            )));
+        }
+        if let Some(d) = self.disks().iter().find(|d| d.path == path) {
+            return Err(StoreError::DuplicateDisk {
+                path: path.to_path_buf(),
+                disk_id: d.sb.disk_id,
+            });
+        }
+        let (disk, formatted) = Disk::open(path, &self.options).await?;
+        if disk.sb.extent_size != self.extent_size {
+            return Err(StoreError::ExtentSizeMismatch {
+                path: path.to_path_buf(),
+                disk: disk.sb.extent_size,
+                pool: self.extent_size,
+            });
+        }
+        if self.disks().iter().any(|d| d.sb.disk_id == disk.sb.disk_id) {
+            return Err(StoreError::DuplicateDisk {
+                path: path.to_path_buf(),
+                disk_id: disk.sb.disk_id,
+            });
+        }
+        let f = free_list(&disk);
+        tracing::info!(disk = %path.display(), index, formatted, extents = disk.layout.extent_count, "disk added");
+        // The free list first, then the slot, then the count: an allocation
+        // sees the disk only once all three are there.
+        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(f);
+        let _ = self.slots[index].set(Arc::new(disk));
+        self.count.store(index + 1, Ordering::Release);
+        Ok(index)
     }
 
     pub fn extent_size(&self) -> u64 {
         self.extent_size
     }
 
+    /// The disk of an address this store handed out.
     pub fn disk(&self, addr: ExtentAddr) -> &Arc<Disk> {
-        &self.disks[addr.disk as usize]
+        self.slot(addr.disk as usize)
     }
 
-    pub fn disks(&self) -> &[Arc<Disk>] {
-        &self.disks
+    fn slot(&self, i: usize) -> &Arc<Disk> {
+        match self.slots.get(i).and_then(OnceLock::get) {
+            Some(d) => d,
+            // Addresses come from this store's own allocations and extent
+            // tables, whose disks are never taken out.
+            None => unreachable!("extent address of disk {i}, which this store does not hold"),
+        }
+    }
+
+    /// The disks, in index order.
+    pub fn disks(&self) -> Vec<Arc<Disk>> {
+        (0..self.count.load(Ordering::Acquire))
+            .map(|i| self.slot(i).clone())
+            .collect()
     }
 
     /// Every owned extent with its owner, as recorded on disk.
     pub fn owned_extents(&self) -> Vec<(ExtentOwner, ExtentAddr)> {
         let mut out = Vec::new();
-        for (d, disk) in self.disks.iter().enumerate() {
+        for (d, disk) in self.disks().iter().enumerate() {
             for (e, r) in disk.records().iter().enumerate() {
                 if let Some(owner) = r.and_then(|r| r.owner) {
                     out.push((
@@ -150,7 +234,7 @@ impl Store {
         if let Some(a) = self.accepting.get(disk)
             && a.swap(accepting, Ordering::Relaxed) != accepting
         {
-            tracing::info!(disk = %self.disks[disk].path.display(), accepting, "disk placement changed");
+            tracing::info!(disk = %self.slot(disk).path.display(), accepting, "disk placement changed");
         }
     }
 
@@ -159,19 +243,16 @@ impl Store {
     pub async fn allocate(&self, owner: ExtentOwner) -> Result<ExtentAddr, StoreError> {
         let addr = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            let best = (0..self.disks.len())
+            let n = free.len().min(self.count.load(Ordering::Acquire));
+            let best = (0..n)
                 .filter(|&d| !free[d].is_empty() && self.accepting[d].load(Ordering::Relaxed))
                 .max_by(|&a, &b| {
-                    let fa = free[a].len() as u128 * self.disks[b].layout.extent_count as u128;
-                    let fb = free[b].len() as u128 * self.disks[a].layout.extent_count as u128;
+                    let fa = free[a].len() as u128 * self.slot(b).layout.extent_count as u128;
+                    let fb = free[b].len() as u128 * self.slot(a).layout.extent_count as u128;
                     fa.cmp(&fb).then(b.cmp(&a))
                 })
-                .ok_or(StoreError::Full {
-                    disks: self.disks.len(),
-                })?;
-            let extent = free[best].pop().ok_or(StoreError::Full {
-                disks: self.disks.len(),
-            })?;
+                .ok_or(StoreError::Full { disks: n })?;
+            let extent = free[best].pop().ok_or(StoreError::Full { disks: n })?;
             ExtentAddr {
                 disk: best as u16,
                 extent,
@@ -232,7 +313,7 @@ impl Store {
     pub async fn sync_disks(&self, disks: impl IntoIterator<Item = u16>) -> Result<(), StoreError> {
         let futs: Vec<_> = disks
             .into_iter()
-            .map(|d| self.disks[d as usize].sync())
+            .map(|d| self.slot(d as usize).sync())
             .collect();
         for r in futures::future::join_all(futs).await {
             r?;
@@ -241,12 +322,13 @@ impl Store {
     }
 
     pub async fn sync_all(&self) -> Result<(), StoreError> {
-        self.sync_disks(0..self.disks.len() as u16).await
+        self.sync_disks(0..self.count.load(Ordering::Acquire) as u16)
+            .await
     }
 
     /// Flush every disk and clear its intent bits (clean shutdown).
     pub async fn close(&self) -> Result<(), StoreError> {
-        for d in &self.disks {
+        for d in self.disks() {
             d.close().await?;
         }
         Ok(())
@@ -254,7 +336,7 @@ impl Store {
 
     pub fn status(&self) -> Vec<DiskStatus> {
         let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        self.disks
+        self.disks()
             .iter()
             .enumerate()
             .map(|(i, d)| {
@@ -264,7 +346,7 @@ impl Store {
                     disk_id: d.sb.disk_id,
                     capacity_bytes: d.layout.extent_count * d.layout.extent_size,
                     extents_total: d.layout.extent_count,
-                    extents_free: free[i].len() as u64,
+                    extents_free: free.get(i).map_or(0, |f| f.len() as u64),
                     extents_quarantined: quarantined,
                     engine: d.engine_kind(),
                 }

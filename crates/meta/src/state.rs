@@ -296,6 +296,11 @@ pub struct PoolState {
     /// The id the next volume gets.
     #[prost(uint64, tag = "7")]
     pub next_volume_id: u64,
+    /// Bumped when the pool's capacity changes under existing data (a disk
+    /// added, a node joining with its disks) or an operator asks: the
+    /// coordinators then even out fill by moving copies.
+    #[prost(uint64, tag = "8")]
+    pub rebalance_generation: u64,
 }
 
 /// A change to the pool state; the payload of one Raft entry.
@@ -304,7 +309,7 @@ pub struct Command {
     /// The change.
     #[prost(
         oneof = "Op",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
     )]
     pub op: Option<Op>,
 }
@@ -373,7 +378,14 @@ pub enum Op {
     /// A node's addresses as it started this time.
     #[prost(message, tag = "20")]
     UpdateNode(UpdateNode),
+    /// Ask for a rebalance (bumps `rebalance_generation`).
+    #[prost(message, tag = "21")]
+    RequestRebalance(RequestRebalance),
 }
+
+/// Payload of [`Op::RequestRebalance`].
+#[derive(Clone, PartialEq, Message)]
+pub struct RequestRebalance {}
 
 /// Payload of [`Op::UpdateNode`].
 #[derive(Clone, PartialEq, Message)]
@@ -779,6 +791,11 @@ impl PoolState {
             Op::PromoteNode(c) => self.promote_node(c),
             Op::ChangeReplicas(c) => self.change_replicas(c),
             Op::UpdateNode(c) => self.update_node(c),
+            Op::RequestRebalance(_) => {
+                self.extent_size()?;
+                self.rebalance_generation += 1;
+                Ok(())
+            }
         }
     }
 
@@ -956,6 +973,10 @@ impl PoolState {
                 allocated_extents: Vec::new(),
             },
         );
+        // New capacity under existing data: even out fill.
+        if self.volumes.values().any(|v| !v.slabs.is_empty()) {
+            self.rebalance_generation += 1;
+        }
         Ok(())
     }
 

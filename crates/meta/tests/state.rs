@@ -198,6 +198,27 @@ fn a_copy_moves_off_a_draining_node_with_one_extra_replica_then_is_dropped() {
 }
 
 #[test]
+fn a_disk_added_under_data_or_an_operator_asks_for_a_rebalance() {
+    let mut s = pool();
+    assert_eq!(s.rebalance_generation, 0);
+    s.apply(&add_node(4)).expect("node 4");
+    s.apply(&add_disk(4, 4)).expect("disk 4");
+    assert_eq!(
+        s.rebalance_generation, 0,
+        "disks of an empty pool need no rebalance"
+    );
+    s.apply(&create("db", 2, Resiliency::TwoWayMirror))
+        .expect("create");
+    s.apply(&alloc("db", 0, vec![replica(1, 1, 0), replica(2, 2, 0)], 1))
+        .expect("alloc");
+    s.apply(&add_disk(5, 4)).expect("a second disk on node 4");
+    assert_eq!(s.rebalance_generation, 1, "a disk added under data");
+    s.apply(&Command::new(Op::RequestRebalance(RequestRebalance {})))
+        .expect("rebalance request");
+    assert_eq!(s.rebalance_generation, 2, "an operator's request");
+}
+
+#[test]
 fn attachment_allows_one_writer_and_generation_grows() {
     let mut s = pool();
     s.apply(&create("v", 1, Resiliency::Simple))

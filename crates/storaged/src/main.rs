@@ -14,6 +14,7 @@
 //! Shutdown (SIGTERM or SIGINT): stop accepting connections, let in-flight
 //! requests finish, flush every disk, clear the write-intent bits, exit 0.
 
+mod added_disks;
 mod catalog;
 mod config;
 mod grpc;
@@ -26,6 +27,7 @@ mod repair_api;
 mod replica;
 mod resync;
 mod scrub;
+mod topology;
 mod volume;
 
 use anyhow::{Context, bail};
@@ -301,7 +303,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = Store::open(&StoreConfig {
         pool_id: catalog.pool_id,
         node_id: catalog.node_id,
-        disks: cfg.disks.clone(),
+        disks: added_disks::with_added(&cfg.disks, added_disks::load(&cfg.data_dir)?),
         create_size: cfg.disk_size,
         extent_size: catalog.extent_size,
         engine: cfg.io_engine,

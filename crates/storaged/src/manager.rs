@@ -103,6 +103,9 @@ pub struct Manager {
     repair_failed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     /// The scrubs run here and their last results.
     scrubs: crate::scrub::Scrubs,
+    /// Per mirrored volume, the rebalance generation (see
+    /// `PoolState::rebalance_generation`) this node finished for it.
+    rebalanced: std::sync::Mutex<HashMap<String, u64>>,
     /// When this node started, for the first scrubs by schedule.
     started: std::time::Instant,
     /// One attach at a time, so two clients opening a volume at once do
@@ -259,6 +262,7 @@ impl Manager {
             released: Default::default(),
             repair_failed: Default::default(),
             scrubs: Default::default(),
+            rebalanced: Default::default(),
             started: std::time::Instant::now(),
             attaching: Mutex::new(()),
         })
@@ -443,6 +447,9 @@ impl Manager {
                 c.rebuild_after,
             ));
             slabs.extend(crate::mirror::slabs_to_move(view, &v.name));
+            if let Some(slab) = self.rebalance_pending(view, v, c.this) {
+                slabs.push(slab);
+            }
             let Some(first) = slabs.first().and_then(|n| v.slabs.get(n)) else {
                 continue;
             };
@@ -460,6 +467,79 @@ impl Manager {
             if !failed_lately {
                 self.start_repair(&v.name, c.rebuild_after);
             }
+        }
+    }
+
+    /// The first slab placement wants moved to even out fill, when a
+    /// rebalance was asked for that this node has not finished for `v` and
+    /// this node runs `v`'s repairs. A rebalance with nothing to move is
+    /// finished here and then.
+    fn rebalance_pending(
+        &self,
+        view: &crate::meta_service::MetaView,
+        v: &meta::state::Volume,
+        this: u64,
+    ) -> Option<u64> {
+        let generation = view.state.rebalance_generation;
+        let done = |m: &Self| {
+            m.rebalanced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&v.name)
+                .copied()
+                .unwrap_or(0)
+        };
+        if generation <= done(self) || runner(view, v, None) != Some(this) {
+            return None;
+        }
+        let first = crate::mirror::rebalance::rebalance_moves(view, &v.name)
+            .first()
+            .map(|m| m.0);
+        if first.is_none() {
+            self.finish_rebalance(&v.name, generation);
+        }
+        first
+    }
+
+    fn finish_rebalance(&self, name: &str, generation: u64) {
+        let mut r = self.rebalanced.lock().unwrap_or_else(|p| p.into_inner());
+        if r.insert(name.to_string(), generation) != Some(generation) {
+            tracing::info!(volume = name, generation, "rebalance of the volume done");
+        }
+    }
+
+    /// Starts the moves of one rebalance pass of a volume this node
+    /// serves; with no move left to start, the rebalance is done.
+    async fn rebalance_pass(&self, mirror: &crate::mirror::MirrorVolume, name: &str) {
+        let view = mirror.view();
+        let generation = view.state.rebalance_generation;
+        let done = self
+            .rebalanced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0);
+        if generation <= done {
+            return;
+        }
+        use crate::mirror::rebalance::{MOVES_PER_PASS, rebalance_moves};
+        let mut started = 0;
+        for (slab, from, to) in rebalance_moves(&view, name)
+            .into_iter()
+            .take(MOVES_PER_PASS)
+        {
+            match mirror.start_move_to(slab, from, to).await {
+                Ok(true) => started += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(volume = name, slab, error = %e, "rebalance move not started");
+                    return;
+                }
+            }
+        }
+        if started == 0 {
+            self.finish_rebalance(name, generation);
         }
     }
 
@@ -571,6 +651,7 @@ impl Manager {
                     return;
                 }
             };
+            m.rebalance_pass(&a.mirror, &name).await;
             let view = c.meta.view();
             let r = crate::resync::resync_volume(
                 &a.vol,

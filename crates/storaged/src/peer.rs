@@ -93,6 +93,20 @@ pub async fn run_scrub(address: &str, volume: &str) -> Result<s2d_proto::v1::Vol
     }
 }
 
+/// Asks the node at `address` to add the disk at `path` to itself.
+pub async fn add_local_disk(address: &str, path: &str) -> Result<s2d_proto::v1::Disk, String> {
+    let mut c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
+    let req = s2d_proto::v1::AddDiskRequest {
+        node: String::new(),
+        path: path.to_string(),
+    };
+    match tokio::time::timeout(STATUS_TIMEOUT, c.add_local_disk(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err(format!("no answer within {STATUS_TIMEOUT:?}")),
+    }
+}
+
 pub async fn run_repair(address: &str, volume: &str) -> Result<(), String> {
     let mut c = raft_client(address, STATUS_TIMEOUT).map_err(|e| e.to_string())?;
     let req = StartRepairRequest {
@@ -334,6 +348,15 @@ impl PeerService for Peers {
             .scrub_report(&name, &node)
             .map(Response::new)
             .ok_or_else(|| Status::internal(format!("the scrub of {name} did not start")))
+    }
+
+    async fn add_local_disk(
+        &self,
+        req: Request<s2d_proto::v1::AddDiskRequest>,
+    ) -> Result<Response<s2d_proto::v1::Disk>, Status> {
+        crate::grpc::disks::add_here(&self.manager, &self.meta, &req.into_inner().path)
+            .await
+            .map(Response::new)
     }
 
     async fn local_status(

@@ -37,7 +37,8 @@ const COORD_QUEUE: usize = 64;
 /// than asked, as the protocol allows).
 const STATUS_BLOCKS_MAX: u64 = 16 * 1024;
 /// Disks a node may have: the touched-disk set is one u64.
-pub const DISKS_MAX: usize = 64;
+pub const DISKS_MAX: usize = extent_store::store::DISKS_MAX;
+const _: () = assert!(DISKS_MAX <= 64, "the touched-disk set is one u64");
 
 /// Where a slab's data is.
 #[derive(Debug, Clone, Copy)]

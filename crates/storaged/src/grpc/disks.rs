@@ -11,8 +11,8 @@
 use super::{ControlService, find_node, meta_status};
 use crate::meta_service::MetaView;
 use crate::replica::meta_disk_id;
-use meta::state::{DiskState, Op, SetDiskState, UNPLACED};
-use s2d_proto::v1::{Disk, DiskRequest};
+use meta::state::{DiskState, Op, RequestRebalance, SetDiskState, UNPLACED};
+use s2d_proto::v1::{AddDiskRequest, Disk, DiskRequest, RebalanceResponse};
 use tonic::{Request, Response, Status};
 
 /// A disk state as the API names it.
@@ -62,7 +62,68 @@ fn copies_on(view: &MetaView, id: u64) -> Vec<(String, u64, Vec<u64>)> {
     out
 }
 
+/// Adds disk `path` to this node (see `crate::added_disks`) and answers
+/// with it as `pool status` shows it.
+pub async fn add_here(
+    manager: &crate::manager::Manager,
+    meta: &crate::meta_service::MetaHandle,
+    path: &str,
+) -> Result<Disk, Status> {
+    let index = crate::added_disks::add(manager, meta, std::path::Path::new(path))
+        .await
+        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+    let view = meta.view();
+    let name = view
+        .state
+        .nodes
+        .get(&view.this)
+        .map_or(String::new(), |n| n.name.clone());
+    let mut d = super::local_disks(manager, &name)
+        .into_iter()
+        .nth(index)
+        .ok_or_else(|| Status::internal("the added disk is not in the store"))?;
+    figures(&view, meta_disk_id(view.this, index), &mut d);
+    Ok(d)
+}
+
 impl ControlService {
+    pub(super) async fn add_disk_now(
+        &self,
+        req: Request<AddDiskRequest>,
+    ) -> Result<Response<Disk>, Status> {
+        let r = req.into_inner();
+        let view = self.meta.read().await.map_err(meta_status)?;
+        let node = find_node(&view, &r.node)?.clone();
+        if r.path.is_empty() {
+            return Err(Status::invalid_argument("no disk path given"));
+        }
+        let d = if node.id == view.this {
+            add_here(&self.manager, &self.meta, &r.path).await?
+        } else {
+            crate::peer::add_local_disk(&node.address, &r.path)
+                .await
+                .map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "node {} did not add disk {}: {e}",
+                        node.name, r.path
+                    ))
+                })?
+        };
+        tracing::info!(node = %node.name, disk = %r.path, "disk added to the pool");
+        Ok(Response::new(d))
+    }
+
+    pub(super) async fn rebalance_now(&self) -> Result<Response<RebalanceResponse>, Status> {
+        let view = self
+            .meta
+            .propose(Op::RequestRebalance(RequestRebalance {}))
+            .await
+            .map_err(meta_status)?;
+        Ok(Response::new(RebalanceResponse {
+            generation: view.state.rebalance_generation,
+        }))
+    }
+
     pub(super) async fn remove_disk_now(
         &self,
         req: Request<DiskRequest>,

@@ -9,7 +9,7 @@
 //! Invariant: every error reaches the client as one line saying what went
 //! wrong; a refused request changes nothing.
 
-mod disks;
+pub(crate) mod disks;
 mod scrub;
 
 use crate::catalog::{ChapCredentialRecord, ChapRecord, DEFAULT_LOGICAL_BLOCK_SIZE};
@@ -470,47 +470,10 @@ pub fn mirror_nodes(
     copies: usize,
     prefer: u64,
 ) -> Result<Vec<(u64, Option<std::net::SocketAddr>)>, String> {
-    use placement::{DiskId, DiskSpec, FaultDomain, NodeId, Topology};
-    let es = view
-        .state
-        .settings
-        .as_ref()
-        .map_or(0, |s| s.extent_size_bytes);
-    let mut topo = Topology::new(es).map_err(|e| e.to_string())?;
-    let mut known = Vec::new();
-    for n in view.state.nodes.values() {
-        if n.state != NodeState::Up as i32 || n.replication_address.is_empty() {
-            continue;
-        }
-        let path = if n.fault_domain.is_empty() {
-            n.name.clone()
-        } else {
-            n.fault_domain.join("/")
-        };
-        let Ok(domain) = FaultDomain::parse(&path) else {
-            continue;
-        };
-        if topo
-            .add_node(NodeId(n.id as u32), domain, placement::NodeState::Up)
-            .is_err()
-        {
-            continue;
-        }
-        known.push(n.id);
-        let online = |d: &&meta::state::Disk| {
-            d.node == n.id && d.state == meta::state::DiskState::Online as i32
-        };
-        for d in view.state.disks.values().filter(online) {
-            let total = d.capacity_bytes / es.max(1);
-            let spec = DiskSpec {
-                id: DiskId(u128::from(d.id)),
-                capacity_extents: total,
-                free_extents: total.saturating_sub(d.allocated_extents.len() as u64),
-                state: placement::DiskState::Healthy,
-            };
-            let _ = topo.add_disk(NodeId(n.id as u32), spec);
-        }
-    }
+    use placement::NodeId;
+    let (topo, known) = crate::topology::from_meta(view, |n| {
+        n.state == NodeState::Up as i32 && !n.replication_address.is_empty()
+    })?;
     let r = placement::Resiliency::mirror(copies).map_err(|e| e.to_string())?;
     let prefer = known.contains(&prefer).then_some(NodeId(prefer as u32));
     let layout = placement::allocate_slab(&topo, r, prefer).map_err(|e| match e {
@@ -962,6 +925,17 @@ impl ControlService {
 impl PoolService for ControlService {
     async fn remove_disk(&self, req: Request<DiskRequest>) -> Result<Response<Disk>, Status> {
         self.remove_disk_now(req).await
+    }
+
+    async fn add_disk(&self, req: Request<AddDiskRequest>) -> Result<Response<Disk>, Status> {
+        self.add_disk_now(req).await
+    }
+
+    async fn rebalance(
+        &self,
+        _req: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        self.rebalance_now().await
     }
 
     async fn scrub(&self, _req: Request<ScrubRequest>) -> Result<Response<ScrubResponse>, Status> {

@@ -21,6 +21,7 @@
 //!   copy, and the good data is written over the bad copy.
 
 pub mod moves;
+pub mod rebalance;
 pub mod scrub;
 
 pub use moves::slabs_to_move;

@@ -108,35 +108,61 @@ pub fn move_target(view: &MetaView, slab_nodes: &[u64], staying: &[u64]) -> Opti
 }
 
 impl MirrorVolume {
-    /// Step 1: gives a current copy on leaving hardware an empty stale
-    /// twin on another node. Returns whether a move started.
+    /// The metadata's record of one of this volume's slabs.
+    fn slab_record<'a>(&self, view: &'a MetaView, slab: u64) -> Option<&'a meta::state::Slab> {
+        view.state
+            .volumes
+            .get(&self.name)
+            .and_then(|v| v.slabs.get(&slab))
+    }
+
+    /// Step 1 for a copy on leaving hardware: gives it an empty stale twin
+    /// on another node. Returns whether a move started.
     pub async fn start_move(&self, slab: u64) -> Result<bool, BlockError> {
+        let view = self.cluster.meta.view();
+        let Some(old) = self.slab_record(&view, slab) else {
+            return Ok(false);
+        };
+        let Some(from) = old
+            .replicas
+            .iter()
+            .find(|r| r.state == ReplicaState::Current as i32 && leaving(&view, r))
+        else {
+            return Ok(false);
+        };
+        let nodes: Vec<u64> = old.replicas.iter().map(|r| r.node).collect();
+        let staying: Vec<u64> = nodes.iter().copied().filter(|n| *n != from.node).collect();
+        let Some(to) = move_target(&view, &nodes, &staying) else {
+            tracing::warn!(volume = %self.name, slab, from = from.node, "no node to move the copy to: every up node with free space holds one already");
+            return Ok(false);
+        };
+        self.start_move_to(slab, from.node, to).await
+    }
+
+    /// Step 1: gives the current copy of `slab` on node `from` an empty
+    /// stale twin on node `to`, which must be up and hold no copy of the
+    /// slab. Returns whether the move started (false: the slab changed so
+    /// that it no longer applies).
+    pub async fn start_move_to(&self, slab: u64, from: u64, to: u64) -> Result<bool, BlockError> {
         for _ in 0..EPOCH_RETRIES {
             let view = self.cluster.meta.view();
-            let Some(old) = view
-                .state
-                .volumes
-                .get(&self.name)
-                .and_then(|v| v.slabs.get(&slab))
-            else {
+            let Some(old) = self.slab_record(&view, slab) else {
                 return Ok(false);
             };
-            if old.moving_from != 0 || old.replicas.len() != self.copies {
+            let target_up = view.state.nodes.get(&to).is_some_and(|n| {
+                n.state == NodeState::Up as i32 && !n.replication_address.is_empty()
+            });
+            let applies = old.moving_from == 0
+                && old.replicas.len() == self.copies
+                && old
+                    .replicas
+                    .iter()
+                    .any(|r| r.node == from && r.state == ReplicaState::Current as i32)
+                && !old.replicas.iter().any(|r| r.node == to)
+                && target_up;
+            if !applies {
                 return Ok(false);
             }
-            let Some(from) = old
-                .replicas
-                .iter()
-                .find(|r| r.state == ReplicaState::Current as i32 && leaving(&view, r))
-            else {
-                return Ok(false);
-            };
-            let nodes: Vec<u64> = old.replicas.iter().map(|r| r.node).collect();
-            let staying: Vec<u64> = nodes.iter().copied().filter(|n| *n != from.node).collect();
-            let Some(to) = move_target(&view, &nodes, &staying) else {
-                tracing::warn!(volume = %self.name, slab, from = from.node, "no node to move the copy to: every up node with free space holds one already");
-                return Ok(false);
-            };
             let mut replicas = old.replicas.clone();
             replicas.push(Replica {
                 node: to,
@@ -144,14 +170,14 @@ impl MirrorVolume {
                 extent: UNPLACED,
                 state: ReplicaState::Stale as i32,
             });
-            tracing::info!(volume = %self.name, slab, from = from.node, to, "moving a copy off leaving hardware");
+            tracing::info!(volume = %self.name, slab, from, to, "moving a copy to another node");
             match self
                 .commit(Op::AllocateSlab(AllocateSlab {
                     volume: self.name.clone(),
                     slab,
                     replicas,
                     epoch: old.epoch + 1,
-                    moving_from: from.node,
+                    moving_from: from,
                 }))
                 .await
             {
@@ -174,12 +200,7 @@ impl MirrorVolume {
     pub async fn finish_move(&self, slab: u64) -> Result<bool, BlockError> {
         for _ in 0..EPOCH_RETRIES {
             let view = self.cluster.meta.view();
-            let Some(old) = view
-                .state
-                .volumes
-                .get(&self.name)
-                .and_then(|v| v.slabs.get(&slab))
-            else {
+            let Some(old) = self.slab_record(&view, slab) else {
                 return Ok(false);
             };
             if old.moving_from == 0 {
