@@ -101,9 +101,12 @@
 //! EIO after 5 s when the Raft leader holding a copy was killed (the stale
 //! marking was proposed once, to the dead leader).
 //!
-//! Last, an ignored test reproduces a server bug the partition fault found
-//! (see its comment): a takeover from a holder cut off the network takes
-//! 3 s per slab with a copy on it (51 s for 16 slabs).
+//! Last, two ignored tests reproduce server bugs the new faults found (see
+//! their comments): a takeover from a holder cut off the network takes 3 s
+//! per slab with a copy on it (51 s for 16 slabs), and the ENOSPC errors
+//! of a full filesystem count toward `--disk-error-limit`, so a disk
+//! whose filesystem was full for a while is failed for good (the suite's
+//! nodes run with a limit it never reaches until that is fixed).
 //!
 //! Not in this version: more than one fault at a time, partitions that
 //! split the cluster into groups of several nodes, disk failures other
@@ -1982,6 +1985,14 @@ fn mirrored_volumes_lose_no_acknowledged_write_under_faults() {
         NODES,
         NodeOptions {
             down_after: Some(DOWN_AFTER),
+            // Every ENOSPC of a full disk (and every flipped bit read)
+            // counts toward --disk-error-limit (default 32, since the
+            // node's start), so two or three disk-full rounds on one node
+            // failed its disk for good and the pool was never healthy
+            // again: a server bug, see the ignored test
+            // `a_disk_whose_filesystem_was_full_for_a_while_is_not_failed`.
+            // Until it is fixed the suite's nodes do not fail disks.
+            extra_args: vec!["--disk-error-limit", "1000000"],
             ..small_node()
         },
     );
@@ -2362,5 +2373,97 @@ fn a_volume_whose_holder_is_cut_off_is_served_by_another_node_within_seconds() {
          volume only after {:.1}s ({slabs} slabs with a copy on n1)\n{}",
         secs(took),
         c.logs(&[2])
+    );
+}
+
+/// Server bug found by the chaos suite's disk-full fault (ignored until
+/// fixed; seed 0xb0915a428c6f5b32 with S2D_CHAOS_LONG=1
+/// S2D_CHAOS_ROUNDS=20 S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull
+/// failed in round 16, the second full disk of n3: "pool degraded, disk 0
+/// of node n3 failed (too many I/O errors or checksum failures); its
+/// copies are rebuilt elsewhere; replace it", for good). Every write that
+/// fails with ENOSPC because the filesystem holding a disk file is full
+/// (and every resync to it that stops on ENOSPC) counts as a disk error
+/// (`Disk::io` counts every I/O error), and past `--disk-error-limit`
+/// (default 32, counted since the start, never forgiven) the disk is
+/// failed through Raft: its copies are rebuilt elsewhere and `health`
+/// stays degraded after the space is back, although nothing is wrong with
+/// the disk. Here: n2's filesystem full while one block of each of 32
+/// slabs is written through n1, then freed; the pool must be healthy
+/// within the chaos suite's 60 s bound.
+#[test]
+#[ignore = "server bug: ENOSPC of a full filesystem fails the disk for good"]
+fn a_disk_whose_filesystem_was_full_for_a_while_is_not_failed() {
+    let _one = one_cluster();
+    let c = NetCluster::start(
+        3,
+        NodeOptions {
+            down_after: Some(DOWN_AFTER),
+            ..small_node()
+        },
+    );
+    c.ctl_ok(
+        1,
+        &[
+            "volume",
+            "create",
+            "full",
+            "--size",
+            "128MiB",
+            "--resiliency",
+            "mirror-3",
+        ],
+    );
+    let slabs = 128 * MIB / (4 * MIB);
+    let mut cl = NbdClient::connect_with_timeout(c.node(1).nbd, "full", IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("open through n1: {e}"));
+    // Every slab gets its extents (blocks at the slab's start).
+    for k in 0..slabs {
+        let at = k * 4 * MIB;
+        cl.write(at, &content(6, at, k + 1), false)
+            .expect("write before the fill");
+    }
+    cl.flush().expect("flush");
+    let took = c.net.fill_disk(2).expect("fill n2's filesystem");
+    eprintln!("n2's filesystem full: {} MiB filler", took / MIB);
+    // Blocks never written on n2 before: ENOSPC there, acknowledged on
+    // n1 and n3 (2 of 3).
+    for k in 0..slabs {
+        let at = k * 4 * MIB + 2 * MIB;
+        cl.write(at, &content(6, at, 100 + k), false)
+            .expect("a write with one of three copies full");
+    }
+    cl.flush().expect("flush");
+    std::thread::sleep(Duration::from_secs(5));
+    c.net.free_disk(2).expect("free n2's filesystem");
+    cl.disconnect();
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < CURRENT_DEADLINE {
+        let o = c.ctl(1, &["health"]);
+        if o.status.success() {
+            eprintln!(
+                "healthy {:.1}s after the space came back",
+                secs(t.elapsed())
+            );
+            return;
+        }
+        last = text(&o);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let failed: Vec<String> = c
+        .node(1)
+        .log_text()
+        .lines()
+        .chain(c.node(2).log_text().lines())
+        .filter(|l| l.contains("disk failed"))
+        .map(str::to_string)
+        .collect();
+    panic!(
+        "n2's filesystem was full for a few seconds and has had space again for {:.0}s, \
+         but the pool is not healthy: {}\n{}",
+        secs(CURRENT_DEADLINE),
+        last.trim_end(),
+        failed.join("\n")
     );
 }

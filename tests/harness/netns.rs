@@ -658,6 +658,7 @@ impl NetNode {
         if let Some(b) = self.opts.repair_bandwidth {
             c.arg("--repair-bandwidth").arg(b);
         }
+        c.args(&self.opts.extra_args);
         c
     }
 
