@@ -23,6 +23,7 @@ mod manager;
 mod meta_service;
 mod mirror;
 mod peer;
+mod range_gate;
 mod repair_api;
 mod replica;
 mod resync;

@@ -11,7 +11,7 @@
 //!    through the per-block checksums both sides store, and only the blocks
 //!    that differ are copied: what the copy missed while it was stale (all
 //!    of it for a copy that never had an extent). Each chunk is handled
-//!    with the volume's I/O paused, so no client write to that chunk can
+//!    with client I/O to that chunk paused (`crate::range_gate`), so no client write to it can
 //!    land between the read of the source and the write of the copy. Holes
 //!    stay holes, zeros stay zeros.
 //! 3. Through Raft, the copies become `current` (epoch + 1).
@@ -30,7 +30,7 @@ use block_api::{BlockError, BlockVolume};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Bytes copied per step with the volume's I/O paused.
+/// Bytes copied per step with client I/O to them paused.
 pub const CHUNK: u64 = 1 << 20;
 
 /// How far the resyncs of one volume are: bytes compared of the slabs to
@@ -125,6 +125,7 @@ pub async fn resync_volume(
         .total
         .store(slabs.len() as u64 * es, Ordering::Relaxed);
     let mut finished = 0;
+    let session = vol.repair_session().await;
     for slab in slabs {
         let Some(targets) = mirror.begin_resync(slab).await? else {
             progress.done.fetch_add(es, Ordering::Relaxed);
@@ -135,7 +136,7 @@ pub async fn resync_volume(
         while off < es {
             let len = CHUNK.min(es - off);
             {
-                let _paused = vol.pause_io().await;
+                let _paused = session.pause(slab * es + off, len).await;
                 let n = mirror.copy_range(slab, off, len, &targets).await?;
                 progress.copied.fetch_add(n, Ordering::Relaxed);
             }

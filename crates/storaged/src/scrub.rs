@@ -10,7 +10,7 @@
 //! `s2dctl pool scrub`. The last result of each volume is kept in memory on
 //! the node that ran it and gathered from every node for `pool scrub`.
 //!
-//! Invariants: a range is scrubbed with the volume's I/O paused, so a
+//! Invariants: a range is scrubbed with client I/O to it paused, so a
 //! client write never races the comparison; the pass reads at most
 //! `--scrub-bandwidth` bytes per second on average; one scrub per volume
 //! at a time.
@@ -24,7 +24,7 @@ use s2d_proto::v1::VolumeScrub;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-/// Bytes scrubbed per step with the volume's I/O paused.
+/// Bytes scrubbed per step with client I/O to them paused.
 pub const STEP: u64 = 1 << 20;
 
 /// How far a volume's scrub is and what it found.
@@ -140,13 +140,14 @@ pub async fn scrub_volume(
     };
     progress.reset(slabs.len() as u64 * es);
     let started = std::time::Instant::now();
+    let session = vol.repair_session().await;
     let r = async {
         for (slab, at) in slabs {
             let mut off = 0;
             while off < es {
                 let len = STEP.min(es - off);
                 let found = {
-                    let _paused = vol.pause_io().await;
+                    let _paused = session.pause(slab * es + off, len).await;
                     match (&target, at) {
                         (Target::Local(store), Some(SlabRef::Local(addr))) => {
                             scrub_local(store, addr, off, len).await

@@ -84,6 +84,8 @@ pub struct Volume {
     store: Arc<Store>,
     state: Arc<ArcSwap<VolumeState>>,
     gate: RwLock<()>,
+    /// Ranges a resync or scrub pauses (`crate::range_gate`).
+    ranges: crate::range_gate::RangeGate,
     coord: mpsc::Sender<CoordMsg>,
     touched: AtomicU64,
     rmw: Vec<tokio::sync::Mutex<()>>,
@@ -186,6 +188,7 @@ impl Volume {
             store,
             state,
             gate: RwLock::new(()),
+            ranges: Default::default(),
             coord: tx,
             touched: AtomicU64::new(touched),
             rmw: (0..RMW_STRIPES)
@@ -199,10 +202,10 @@ impl Volume {
         self.id
     }
 
-    /// Waits until no I/O of the volume is in flight and holds new I/O off
-    /// while the guard lives (a resync copies a chunk under it).
-    pub async fn pause_io(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.gate.write().await
+    /// Opens a repair session that pauses client I/O one range at a time
+    /// (`crate::range_gate`) rather than the whole volume.
+    pub async fn repair_session(&self) -> crate::range_gate::Session<'_> {
+        self.ranges.session(&self.gate).await
     }
 
     fn mirror(&self) -> Result<&MirrorVolume, BlockError> {
@@ -502,6 +505,7 @@ impl BlockVolume for Volume {
 
     async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, BlockError> {
         let _io = self.gate.read().await;
+        let _range = self.ranges.enter(offset, len as u64).await;
         let st = self.state.load_full();
         self.check(&st, offset, len as u64)?;
         if len == 0 {
@@ -520,6 +524,7 @@ impl BlockVolume for Volume {
 
     async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
         let _io = self.gate.read().await;
+        let _range = self.ranges.enter(offset, data.len() as u64).await;
         let st = self.state.load_full();
         self.check(&st, offset, data.len() as u64)?;
         if data.is_empty() {
@@ -542,6 +547,7 @@ impl BlockVolume for Volume {
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let _io = self.gate.read().await;
+        let _range = self.ranges.enter(offset, len).await;
         let st = self.state.load_full();
         self.check(&st, offset, len)?;
         if len == 0 {
@@ -559,6 +565,7 @@ impl BlockVolume for Volume {
         fua: bool,
     ) -> Result<(), BlockError> {
         let _io = self.gate.read().await;
+        let _range = self.ranges.enter(offset, len).await;
         let st = self.state.load_full();
         self.check(&st, offset, len)?;
         if len == 0 {
