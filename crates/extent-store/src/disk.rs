@@ -79,7 +79,8 @@ pub struct Disk {
     /// Serialises writes of the intent area, so an older image never
     /// lands after a newer one.
     intent_io: tokio::sync::Mutex<()>,
-    /// I/O errors and checksum failures since the disk was opened.
+    /// I/O errors (but for a full filesystem) and checksum failures since
+    /// the disk was opened.
     errors: AtomicU64,
 }
 
@@ -338,7 +339,12 @@ impl Disk {
     }
 
     fn io(&self, what: &str, e: std::io::Error) -> StoreError {
-        self.errors.fetch_add(1, Ordering::Relaxed);
+        // A full filesystem under a disk file (or a quota) is no fault of
+        // the disk: it is not counted toward failing it.
+        let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
+        if !full {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
         io_err(&self.path, what, e)
     }
 

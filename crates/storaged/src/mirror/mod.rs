@@ -587,13 +587,23 @@ impl MirrorVolume {
             .map(|v| v.slabs.keys().copied().collect())
             .unwrap_or_default();
         let mut fixed = 0;
+        // Nodes found out of reach are not asked again for the next slabs
+        // (each ask would wait out its deadline).
+        let mut unreachable = std::collections::BTreeSet::new();
         for slab in slabs {
-            fixed += self.reconcile_slab(slab).await?;
+            fixed += self.reconcile_slab(slab, &mut unreachable).await?;
         }
         Ok(fixed)
     }
 
-    async fn reconcile_slab(&self, slab: u64) -> Result<u64, BlockError> {
+    /// Reconciles one slab; `gone` holds the nodes found out of reach so
+    /// far (and gains those found now): their copies are marked stale
+    /// without asking them.
+    async fn reconcile_slab(
+        &self,
+        slab: u64,
+        gone: &mut std::collections::BTreeSet<u64>,
+    ) -> Result<u64, BlockError> {
         let bs = block_api::BLOCK_SIZE as u64;
         let es = self.extent_size();
         let chunk = crate::resync::CHUNK;
@@ -615,7 +625,18 @@ impl MirrorVolume {
             let mut sums = Vec::new();
             let mut unreachable = Vec::new();
             let mut stale = false;
+            let down = |node: u64| {
+                view.state
+                    .nodes
+                    .get(&node)
+                    .is_none_or(|n| n.state == NodeState::Down as i32)
+            };
+            let mut asks = Vec::new();
             for r in self.read_order(&s) {
+                if gone.contains(&r.node) || down(r.node) {
+                    unreachable.push((r.node, "node out of reach".to_string()));
+                    continue;
+                }
                 let req = Request::Checksums {
                     volume: self.id,
                     slab,
@@ -623,11 +644,23 @@ impl MirrorVolume {
                     offset: off,
                     blocks: (len / bs) as u32,
                 };
-                match self.call(&r, req).await {
+                asks.push(async move {
+                    let o = self.call(&r, req).await;
+                    (r, o)
+                });
+            }
+            // All copies at once: one that does not answer costs one
+            // deadline, not one per copy.
+            for (r, o) in futures::future::join_all(asks).await {
+                match o {
                     Outcome::Done(Response::Checksums(v)) => sums.push((r, v)),
                     Outcome::Stale => stale = true,
                     Outcome::Done(_) => unreachable.push((r.node, "unexpected reply".to_string())),
-                    Outcome::Failed(m) | Outcome::BadData(m) => unreachable.push((r.node, m)),
+                    Outcome::BadData(m) => unreachable.push((r.node, m)),
+                    Outcome::Failed(m) => {
+                        gone.insert(r.node);
+                        unreachable.push((r.node, m));
+                    }
                 }
             }
             if stale {
@@ -774,7 +807,9 @@ impl MirrorVolume {
         if !due {
             return Ok(());
         }
-        let fixed = self.reconcile_slab(slab).await?;
+        let fixed = self
+            .reconcile_slab(slab, &mut Default::default())
+            .await?;
         tracing::info!(volume = %self.name, slab, blocks = fixed, "copies reconciled after a write failed below quorum");
         self.unsettled
             .lock()
