@@ -55,8 +55,7 @@
 //!   replicas and fail (EIO, or the client's 8 s timeout), the writer
 //!   moves to another node, which takes the volume over; when the network
 //!   is back, the old coordinator, alive all along, must be fenced (its
-//!   late replica writes refused). Not longer: see the ignored test at the
-//!   end (a takeover from a cut-off holder waits 3 s per slab);
+//!   late replica writes refused);
 //! - `disk-full`: fallocate every free block of a node's filesystem to a
 //!   filler file for 1.5-5 s (and until some node logged a write failing
 //!   with ENOSPC on that disk, at most 10 s more; else the run fails, the
@@ -101,12 +100,12 @@
 //! EIO after 5 s when the Raft leader holding a copy was killed (the stale
 //! marking was proposed once, to the dead leader).
 //!
-//! Last, two ignored tests reproduce server bugs the new faults found (see
-//! their comments): a takeover from a holder cut off the network takes 3 s
-//! per slab with a copy on it (51 s for 16 slabs), and the ENOSPC errors
-//! of a full filesystem count toward `--disk-error-limit`, so a disk
-//! whose filesystem was full for a while is failed for good (the suite's
-//! nodes run with a limit it never reaches until that is fixed).
+//! Last, two regression tests (in network namespaces, ~6 s each)
+//! reproduce the server bugs the partition and disk-full faults found
+//! (fixed in d0e0ea5): a takeover from a holder cut off the network took
+//! 3 s per slab with a copy on it (51 s for 16 slabs), and the ENOSPC
+//! errors of a full filesystem counted toward `--disk-error-limit`, so a
+//! disk whose filesystem was full for a while was failed for good.
 //!
 //! Not in this version: more than one fault at a time, partitions that
 //! split the cluster into groups of several nodes, disk failures other
@@ -122,7 +121,6 @@
 //! S2D_CHAOS_LONG=1 cargo test -p s2d-tests --test chaos -- --nocapture   # 30 longer rounds, ~6 min
 //! S2D_CHAOS_SEED=0x1234 cargo test -p s2d-tests --test chaos -- --nocapture
 //! S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull ...   # only these kinds, at random
-//! cargo test -p s2d-tests --test chaos -- --ignored --nocapture   # the server bug's reproduction
 //! S2D_CHAOS_LOG_DIR=/var/tmp/chaos ...  # also keep every node's whole log in <dir>/<seed>/nN.log
 //! ```
 //!
@@ -1082,10 +1080,7 @@ enum Fault {
     /// too) for 0.3-0.8 s or 1.5-5 s.
     Partition,
     /// Cut a coordinator off the cluster network for longer than the
-    /// client timeout; its client still reaches it. 10-13 s, not more:
-    /// the takeover of a cut-off holder takes 3 s per slab with a copy on
-    /// it (a server bug, see the ignored test at the end), so a longer cut
-    /// would fail the run on the 30 s serve deadline.
+    /// client timeout; its client still reaches it (10-13 s).
     PartitionFailover,
     /// Fill a node's filesystem for 1.5-5 s.
     DiskFull,
@@ -1985,14 +1980,6 @@ fn mirrored_volumes_lose_no_acknowledged_write_under_faults() {
         NODES,
         NodeOptions {
             down_after: Some(DOWN_AFTER),
-            // Every ENOSPC of a full disk (and every flipped bit read)
-            // counts toward --disk-error-limit (default 32, since the
-            // node's start), so two or three disk-full rounds on one node
-            // failed its disk for good and the pool was never healthy
-            // again: a server bug, see the ignored test
-            // `a_disk_whose_filesystem_was_full_for_a_while_is_not_failed`.
-            // Until it is fixed the suite's nodes do not fail disks.
-            extra_args: vec!["--disk-error-limit", "1000000"],
             ..small_node()
         },
     );
@@ -2265,27 +2252,25 @@ fn writes_survive_a_kill_of_the_raft_leader_that_holds_a_copy() {
     );
 }
 
-/// Server bug found by the chaos suite's partition fault (ignored until
-/// fixed): a volume whose holder is cut off the network is served by
-/// another node only after 3 s (the replica call timeout) per slab with a
-/// copy on the cut-off node. Attaching after a takeover reconciles the
+/// A server bug the chaos suite's partition fault found (fixed in d0e0ea5):
+/// a volume whose holder is cut off the network was served by another
+/// node only after 3 s (the replica call timeout) per slab with a copy on
+/// the cut-off node. Attaching after a takeover reconciles the
 /// slabs one at a time (`MirrorVolume::reconcile` -> `reconcile_slab`),
 /// and each slab's `Checksums` call to the unreachable holder, over the
 /// replication connection the new node already had to it (established,
-/// now silent), waits out its 3 s deadline before that one slab's copy is
-/// marked stale ("copies out of reach after a takeover"), although the
-/// node is already marked down. Here 16 slabs, all with a copy on n1:
+/// now silent), waited out its 3 s deadline before that one slab's copy
+/// was marked stale ("copies out of reach after a takeover"), although
+/// the node was already marked down. Here 16 slabs, all with a copy on n1:
 /// about 51 s (a 100 GiB volume with 256 MiB extents, a third of them on
 /// the node, would take about 7 minutes). Without an established
 /// connection the connect fails after 2 s and a few slabs after it fail at
 /// once (about 6 s in all). A SIGSTOPped holder keeps its connections too.
-/// The chaos suite keeps its coordinator partitions at 10-13 s, so the
-/// cut-off node is back before its writer's 30 s serve deadline and the
-/// takeover then finishes (seed 0x654178cf646ceec3 with
-/// S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull showed it: each
-/// writer got served only once the partition healed).
+/// (The suite's 10-13 s coordinator partitions hid it from its 30 s serve
+/// deadline: with seed 0x654178cf646ceec3 and
+/// S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull each writer was
+/// served only once the partition healed.) Now: about 3.5 s.
 #[test]
-#[ignore = "server bug: a takeover from a cut-off holder waits 3 s per slab with a copy there"]
 fn a_volume_whose_holder_is_cut_off_is_served_by_another_node_within_seconds() {
     let _one = one_cluster();
     let c = NetCluster::start(
@@ -2362,7 +2347,11 @@ fn a_volume_whose_holder_is_cut_off_is_served_by_another_node_within_seconds() {
     for k in 0..slabs {
         let at = k * 4 * MIB;
         let got = cl.read(at, BLOCK as u32).expect("read through n2");
-        assert!(got == content(8, at, k + 1), "slab {k} lost its write");
+        assert!(
+            got == content(8, at, k + 2),
+            "slab {k} does not hold the write acknowledged through n1 before the cut: {:?}",
+            decode(&got)
+        );
     }
     cl.disconnect();
     c.heal(1).expect("heal n1");
@@ -2376,23 +2365,24 @@ fn a_volume_whose_holder_is_cut_off_is_served_by_another_node_within_seconds() {
     );
 }
 
-/// Server bug found by the chaos suite's disk-full fault (ignored until
-/// fixed; seed 0xb0915a428c6f5b32 with S2D_CHAOS_LONG=1
+/// A server bug the chaos suite's disk-full fault found (fixed in d0e0ea5;
+/// seed 0xb0915a428c6f5b32 with S2D_CHAOS_LONG=1
 /// S2D_CHAOS_ROUNDS=20 S2D_CHAOS_FAULTS=Partition,PartitionFailover,DiskFull
 /// failed in round 16, the second full disk of n3: "pool degraded, disk 0
 /// of node n3 failed (too many I/O errors or checksum failures); its
 /// copies are rebuilt elsewhere; replace it", for good). Every write that
-/// fails with ENOSPC because the filesystem holding a disk file is full
-/// (and every resync to it that stops on ENOSPC) counts as a disk error
-/// (`Disk::io` counts every I/O error), and past `--disk-error-limit`
-/// (default 32, counted since the start, never forgiven) the disk is
-/// failed through Raft: its copies are rebuilt elsewhere and `health`
-/// stays degraded after the space is back, although nothing is wrong with
-/// the disk. Here: n2's filesystem full while one block of each of 32
+/// failed with ENOSPC because the filesystem holding a disk file was full
+/// (and every resync to it that stopped on ENOSPC) counted as a disk error
+/// (`Disk::io` counted every I/O error), and past `--disk-error-limit`
+/// (default 32, counted since the start, never forgiven) the disk was
+/// failed through Raft: its copies rebuilt elsewhere and `health`
+/// degraded after the space was back, although nothing was wrong with the
+/// disk. Here: n2's filesystem full while one block of each of 32
 /// slabs is written through n1, then freed; the pool must be healthy
-/// within the chaos suite's 60 s bound.
+/// within the chaos suite's 60 s bound (it was degraded for good:
+/// errors=33 limit=32, and on 3 nodes its 32 copies had nowhere else to
+/// go). Now: healthy about 3 s after the space is back.
 #[test]
-#[ignore = "server bug: ENOSPC of a full filesystem fails the disk for good"]
 fn a_disk_whose_filesystem_was_full_for_a_while_is_not_failed() {
     let _one = one_cluster();
     let c = NetCluster::start(
