@@ -2,7 +2,8 @@
 //! whose node is up again is brought back to current by copying the slab
 //! from a current copy, while the volume keeps serving.
 //!
-//! Protocol for one slab, run by the node that coordinates the volume:
+//! Protocol for one slab, run by the node that coordinates the volume
+//! ([`SLABS_AT_ONCE`] slabs at a time):
 //! 1. Through Raft, the stale copies on up nodes become `resyncing`
 //!    (epoch + 1). From then on every client write goes to them too (their
 //!    failures mark them stale again) but they serve no reads and do not
@@ -30,6 +31,8 @@ use block_api::{BlockError, BlockVolume};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Slabs of one volume resynced at the same time.
+pub const SLABS_AT_ONCE: usize = 4;
 /// Bytes copied per step with client I/O to them paused.
 pub const CHUNK: u64 = 1 << 20;
 
@@ -124,42 +127,54 @@ pub async fn resync_volume(
     progress
         .total
         .store(slabs.len() as u64 * es, Ordering::Relaxed);
-    let mut finished = 0;
     let session = vol.repair_session().await;
-    for slab in slabs {
-        let Some(targets) = mirror.begin_resync(slab).await? else {
-            progress.done.fetch_add(es, Ordering::Relaxed);
-            continue;
-        };
-        tracing::info!(volume = %vol.name(), slab, copies = ?targets, "resync started");
-        let mut off = 0;
-        while off < es {
-            let len = CHUNK.min(es - off);
-            {
-                let _paused = session.pause(slab * es + off, len).await;
-                let n = mirror.copy_range(slab, off, len, &targets).await?;
-                progress.copied.fetch_add(n, Ordering::Relaxed);
-            }
-            // Throttle: hold the copy rate at the node's repair bandwidth.
-            if let Some(bps) = bandwidth.filter(|b| *b > 0) {
-                let copied = progress.copied.load(Ordering::Relaxed);
-                let due = std::time::Duration::from_secs_f64(copied as f64 / bps as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
+    let one = |slab: u64| {
+        let session = &session;
+        async move {
+            let Some(targets) = mirror.begin_resync(slab).await? else {
+                progress.done.fetch_add(es, Ordering::Relaxed);
+                return Ok::<usize, BlockError>(0);
+            };
+            tracing::info!(volume = %vol.name(), slab, copies = ?targets, "resync started");
+            let mut off = 0;
+            while off < es {
+                let len = CHUNK.min(es - off);
+                {
+                    let _paused = session.pause(slab * es + off, len).await;
+                    let n = mirror.copy_range(slab, off, len, &targets).await?;
+                    progress.copied.fetch_add(n, Ordering::Relaxed);
                 }
+                // Throttle: hold the copy rate at the node's repair bandwidth.
+                if let Some(bps) = bandwidth.filter(|b| *b > 0) {
+                    let copied = progress.copied.load(Ordering::Relaxed);
+                    let due = std::time::Duration::from_secs_f64(copied as f64 / bps as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                off += len;
+                progress.done.fetch_add(len, Ordering::Relaxed);
             }
-            off += len;
-            progress.done.fetch_add(len, Ordering::Relaxed);
+            mirror.finish_resync(slab, &targets).await?;
+            mirror.finish_move(slab).await?;
+            tracing::info!(
+                volume = %vol.name(),
+                slab,
+                copied_bytes = progress.copied.load(Ordering::Relaxed),
+                "resync finished: copies current"
+            );
+            Ok(1)
         }
-        mirror.finish_resync(slab, &targets).await?;
-        mirror.finish_move(slab).await?;
-        tracing::info!(
-            volume = %vol.name(),
-            slab,
-            copied_bytes = progress.copied.load(Ordering::Relaxed),
-            "resync finished: copies current"
-        );
-        finished += 1;
+    };
+    // Several slabs at once: each chunk is a few round trips between
+    // nodes, so one slab at a time leaves the disks and network idle.
+    use futures::StreamExt;
+    let mut runs = futures::stream::iter(slabs)
+        .map(one)
+        .buffer_unordered(SLABS_AT_ONCE);
+    let mut finished = 0;
+    while let Some(r) = runs.next().await {
+        finished += r?;
     }
     Ok(finished)
 }
