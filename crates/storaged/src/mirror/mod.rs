@@ -807,9 +807,7 @@ impl MirrorVolume {
         if !due {
             return Ok(());
         }
-        let fixed = self
-            .reconcile_slab(slab, &mut Default::default())
-            .await?;
+        let fixed = self.reconcile_slab(slab, &mut Default::default()).await?;
         tracing::info!(volume = %self.name, slab, blocks = fixed, "copies reconciled after a write failed below quorum");
         self.unsettled
             .lock()
