@@ -14,6 +14,7 @@
 //! Shutdown (SIGTERM or SIGINT): stop accepting connections, let in-flight
 //! requests finish, flush every disk, clear the write-intent bits, exit 0.
 
+mod activity;
 mod added_disks;
 mod catalog;
 mod config;

@@ -138,11 +138,16 @@ pub async fn resync_volume(
             tracing::info!(volume = %vol.name(), slab, copies = ?targets, "resync started");
             let mut off = 0;
             while off < es {
-                let len = CHUNK.min(es - off);
+                // Small steps with pauses while clients are busy.
+                let (step, breather) = crate::activity::repair_step(CHUNK);
+                let len = step.min(es - off);
                 {
                     let _paused = session.pause(slab * es + off, len).await;
                     let n = mirror.copy_range(slab, off, len, &targets).await?;
                     progress.copied.fetch_add(n, Ordering::Relaxed);
+                }
+                if !breather.is_zero() {
+                    tokio::time::sleep(breather).await;
                 }
                 // Throttle: hold the copy rate at the node's repair bandwidth.
                 if let Some(bps) = bandwidth.filter(|b| *b > 0) {

@@ -506,6 +506,7 @@ impl BlockVolume for Volume {
     async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, BlockError> {
         let _io = self.gate.read().await;
         let _range = self.ranges.enter(offset, len as u64).await;
+        crate::activity::touch();
         let st = self.state.load_full();
         self.check(&st, offset, len as u64)?;
         if len == 0 {
@@ -525,6 +526,7 @@ impl BlockVolume for Volume {
     async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), BlockError> {
         let _io = self.gate.read().await;
         let _range = self.ranges.enter(offset, data.len() as u64).await;
+        crate::activity::touch();
         let st = self.state.load_full();
         self.check(&st, offset, data.len() as u64)?;
         if data.is_empty() {
