@@ -1,8 +1,9 @@
 //! When this node last served client I/O, so that background work (resync,
 //! rebuild, scrub) can yield to clients: with client I/O in the last
-//! [`BUSY_WINDOW`], a repair copies in small steps and pauses between
-//! them, keeping the client's latency close to its baseline; with none, it
-//! runs at full speed.
+//! [`BUSY_WINDOW`], a repair copies in small steps, one step at a time on
+//! the whole node ([`busy_slot`]), and pauses after each, keeping the
+//! client's latency close to its baseline; with none, it runs at full
+//! speed.
 //!
 //! One relaxed atomic store per client request; the clock is monotonic
 //! (milliseconds since the process started).
@@ -19,6 +20,16 @@ pub const BUSY_STEP: u64 = 128 << 10;
 pub const BUSY_PAUSE: Duration = Duration::from_millis(2);
 
 static LAST_MS: AtomicU64 = AtomicU64::new(0);
+static BUSY_SLOT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// While clients are busy, the one repair step of the node that may run:
+/// hold it for the step and its pause. `None` when clients are idle.
+pub async fn busy_slot() -> Option<tokio::sync::SemaphorePermit<'static>> {
+    if !clients_busy() {
+        return None;
+    }
+    BUSY_SLOT.acquire().await.ok()
+}
 
 fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();

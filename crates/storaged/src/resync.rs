@@ -138,7 +138,9 @@ pub async fn resync_volume(
             tracing::info!(volume = %vol.name(), slab, copies = ?targets, "resync started");
             let mut off = 0;
             while off < es {
-                // Small steps with pauses while clients are busy.
+                // Small steps, one at a time on the node, with pauses while
+                // clients are busy.
+                let _slot = crate::activity::busy_slot().await;
                 let (step, breather) = crate::activity::repair_step(CHUNK);
                 let len = step.min(es - off);
                 {
