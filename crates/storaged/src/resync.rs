@@ -33,8 +33,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Slabs of one volume resynced at the same time.
 pub const SLABS_AT_ONCE: usize = 4;
-/// Bytes copied per step with client I/O to them paused.
-pub const CHUNK: u64 = 1 << 20;
+/// Bytes copied per step with client I/O to them paused (while clients
+/// are idle; see `crate::activity`).
+pub const CHUNK: u64 = 4 << 20;
 
 /// How far the resyncs of one volume are: bytes compared of the slabs to
 /// resync, and bytes that had to be copied.
