@@ -269,6 +269,12 @@ fn repair_start_rebuilds_a_down_nodes_copies_now_and_repair_status_follows_it() 
         v["copied_bytes"].as_u64().unwrap_or(0) > 0 && v["done_bytes"] == v["total_bytes"],
         "the finished repair reports what it did: {v}"
     );
+    std::thread::sleep(Duration::from_millis(1500));
+    let later: Value = c.ctl_json(1, &["repair", "status", "q"]);
+    assert_eq!(
+        later["rate_bytes_per_sec"], v["rate_bytes_per_sec"],
+        "a finished repair's rate is over its run and stays put: {v} then {later}"
+    );
     let o = c.ctl(1, &["volume", "verify", "q"]);
     assert!(
         o.status.success(),

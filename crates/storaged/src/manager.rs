@@ -877,6 +877,7 @@ impl Manager {
                 resync_copied_bytes: p.copied.load(Relaxed),
                 resync_started_ms: p.started_ms.load(Relaxed),
                 resync_running: p.running.load(Relaxed),
+                resync_finished_ms: p.finished_ms.load(Relaxed),
                 ..Default::default()
             });
         }

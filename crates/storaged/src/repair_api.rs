@@ -80,7 +80,13 @@ fn repair_of(
         r.done_bytes = p.resync_done_bytes;
         r.total_bytes = p.resync_total_bytes;
         r.copied_bytes = p.resync_copied_bytes;
-        let elapsed_ms = crate::meta_service::unix_ms().saturating_sub(p.resync_started_ms);
+        // A finished resync's rate is over its run, not up to now.
+        let until = if p.resync_running || p.resync_finished_ms == 0 {
+            crate::meta_service::unix_ms()
+        } else {
+            p.resync_finished_ms
+        };
+        let elapsed_ms = until.saturating_sub(p.resync_started_ms);
         if p.resync_started_ms > 0 && elapsed_ms > 0 {
             r.rate_bytes_per_sec = p.resync_done_bytes * 1000 / elapsed_ms;
         }

@@ -46,6 +46,8 @@ pub struct Progress {
     pub copied: AtomicU64,
     /// When the last resync started (ms since the Unix epoch).
     pub started_ms: AtomicU64,
+    /// When it ended (0 while it runs).
+    pub finished_ms: AtomicU64,
     pub running: std::sync::atomic::AtomicBool,
 }
 
@@ -63,6 +65,9 @@ struct RunningMark<'a>(&'a Progress);
 
 impl Drop for RunningMark<'_> {
     fn drop(&mut self) {
+        self.0
+            .finished_ms
+            .store(crate::meta_service::unix_ms(), Ordering::Relaxed);
         self.0.running.store(false, Ordering::Relaxed);
     }
 }
@@ -122,6 +127,7 @@ pub async fn resync_volume(
     progress
         .started_ms
         .store(crate::meta_service::unix_ms(), Ordering::Relaxed);
+    progress.finished_ms.store(0, Ordering::Relaxed);
     progress.running.store(true, Ordering::Relaxed);
     let _mark = RunningMark(progress);
     let started = std::time::Instant::now();
