@@ -437,7 +437,46 @@ impl Disk {
                 .await
                 .map_err(|e| self.io("sync extent table", e))?;
         }
+        if owner.is_none() {
+            self.give_back(extent).await;
+        }
         Ok(())
+    }
+
+    /// Gives a free extent's space back to the filesystem under a disk
+    /// file (a hole punched over its data), so thin disk files do not keep
+    /// what the pool released. Best effort: a block device, or a
+    /// filesystem without hole punching, keeps the space.
+    async fn give_back(&self, extent: u32) {
+        if !self.file.metadata().is_ok_and(|m| m.is_file()) {
+            return;
+        }
+        let fd = self.fd();
+        let off = self.layout.extent_offset(extent) as libc::off_t;
+        let len = self.layout.extent_size as libc::off_t;
+        // The descriptor stays open: the store holds this disk, and the
+        // caller awaits the call.
+        let r = tokio::task::spawn_blocking(move || {
+            // SAFETY: fallocate on our own open descriptor; it only frees
+            // the blocks of the range, which no extent owns now.
+            let rc = unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = r {
+            tracing::debug!(disk = %self.path.display(), extent, error = %e, "could not give a free extent's space back");
+        }
     }
 
     fn region_of(&self, extent: u32, off: u64) -> u64 {

@@ -261,3 +261,37 @@ async fn a_disk_that_stops_accepting_gets_no_new_extents_but_keeps_its_own() {
         .expect("the refusing disk still serves its extent");
     assert_eq!(data.len(), BS as usize);
 }
+
+#[tokio::test]
+async fn a_released_extent_gives_its_space_back_to_the_disk_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir on ext4");
+    let mut h = Harness::open(two_disks(&dir, EngineChoice::Sync)).await;
+    let a = h.addr(0).await;
+    let path = h.store.disk(a).path.clone();
+    let used = || std::fs::metadata(&path).expect("stat disk").blocks() * 512;
+    let before = used();
+    let mut buf = AlignedBuf::zeroed(EXTENT as usize);
+    buf.fill(0x5a);
+    h.store
+        .write(a, 0, buf, true)
+        .await
+        .expect("write the extent");
+    let written = used();
+    assert!(
+        written >= before + EXTENT,
+        "writing 4 MiB should take 4 MiB of the file: {before} -> {written}"
+    );
+    h.store.release(a).await.expect("release");
+    let after = used();
+    assert!(
+        after + EXTENT <= written,
+        "a released extent should give its 4 MiB back: {written} -> {after}"
+    );
+    let b = h.addr(1).await;
+    let data = h.store.read(b, 0, BS).await.expect("read a reused extent");
+    assert!(
+        data.iter().all(|x| *x == 0),
+        "a reused extent reads as zeros"
+    );
+}
