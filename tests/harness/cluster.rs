@@ -38,6 +38,56 @@ pub fn tiny_node() -> NodeOptions {
     }
 }
 
+/// Polls `f` on `c` every 150 ms until it returns Ok or `timeout` passes;
+/// then panics with `what`, the last error and `logs(c)`.
+pub fn poll_until<C, T>(
+    c: &mut C,
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&mut C) -> Result<T, String>,
+    logs: impl Fn(&C) -> String,
+) -> T {
+    let start = Instant::now();
+    loop {
+        let last = match f(c) {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if start.elapsed() >= timeout {
+            panic!(
+                "timed out after {:.1} s waiting for {what}\nlast seen: {last}\n{}",
+                start.elapsed().as_secs_f64(),
+                logs(c)
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Whether every node of `live` sees `n` members (`status`) and they all
+/// name the same leader (`leader`).
+pub fn members_agree(
+    live: &[usize],
+    n: usize,
+    status: impl Fn(usize) -> Result<Value, String>,
+    leader: impl Fn(usize) -> Result<usize, String>,
+) -> Result<(), String> {
+    let mut leaders = Vec::new();
+    for &i in live {
+        let s = status(i)?;
+        let seen = json_list(&s["nodes"], "nodes").len();
+        if seen != n {
+            return Err(format!("node {i} sees {seen} nodes: {s}"));
+        }
+        leaders.push(leader(i)?);
+    }
+    leaders.dedup();
+    if leaders.len() != 1 {
+        return Err(format!("nodes name different leaders: {leaders:?}"));
+    }
+    Ok(())
+}
+
 /// The name the harness gives node `i` (1-based).
 pub fn node_name(i: usize) -> String {
     format!("n{i}")
@@ -338,20 +388,8 @@ impl Cluster {
             &format!("every live node to see {n} members and one leader"),
             Duration::from_secs(30),
             |c| {
-                let mut leaders = Vec::new();
-                for i in c.live() {
-                    let s = c.status(i)?;
-                    let seen = json_list(&s["nodes"], "nodes").len();
-                    if seen != n {
-                        return Err(format!("node {i} sees {seen} nodes: {s}"));
-                    }
-                    leaders.push(c.leader_seen_by(i)?);
-                }
-                leaders.dedup();
-                if leaders.len() != 1 {
-                    return Err(format!("nodes name different leaders: {leaders:?}"));
-                }
-                Ok(())
+                let live = c.live();
+                members_agree(&live, n, |i| c.status(i), |i| c.leader_seen_by(i))
             },
         )
     }
@@ -363,23 +401,9 @@ impl Cluster {
         &mut self,
         what: &str,
         timeout: Duration,
-        mut f: impl FnMut(&mut Cluster) -> Result<T, String>,
+        f: impl FnMut(&mut Cluster) -> Result<T, String>,
     ) -> T {
-        let start = Instant::now();
-        loop {
-            let last = match f(self) {
-                Ok(v) => return v,
-                Err(e) => e,
-            };
-            if start.elapsed() >= timeout {
-                panic!(
-                    "timed out after {:.1} s waiting for {what}\nlast seen: {last}\n{}",
-                    start.elapsed().as_secs_f64(),
-                    self.logs(&self.all())
-                );
-            }
-            std::thread::sleep(POLL);
-        }
+        poll_until(self, what, timeout, f, |c| c.logs(&c.all()))
     }
 
     /// The tails of the logs of the nodes `which`, for failure messages.

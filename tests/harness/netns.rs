@@ -45,7 +45,7 @@
 //! them (`PR_SET_PDEATHSIG`). Leftovers of a run whose process is gone
 //! (kill -9 of the test) are removed at the next setup.
 
-use crate::cluster::{json_list, node_name};
+use crate::cluster::{json_list, members_agree, node_name, poll_until};
 use crate::{NodeOptions, bin_dir};
 use serde_json::Value;
 use std::fs::File;
@@ -64,7 +64,6 @@ pub const NBD_PORT: u16 = 10809;
 const FS_BYTES: u64 = 320 << 20;
 /// `proto` of the run's blackhole route, to find it again.
 const ROUTE_PROTO: &str = "250";
-const POLL: Duration = Duration::from_millis(150);
 const LOG_TAIL: usize = 40;
 
 fn ns_name(pid: u32, i: usize) -> String {
@@ -950,20 +949,8 @@ impl NetCluster {
             &format!("every live node to see {n} members and one leader"),
             Duration::from_secs(30),
             |c| {
-                let mut leaders = Vec::new();
-                for i in c.live() {
-                    let s = c.status(i)?;
-                    let seen = json_list(&s["nodes"], "nodes").len();
-                    if seen != n {
-                        return Err(format!("node {i} sees {seen} nodes: {s}"));
-                    }
-                    leaders.push(c.leader_seen_by(i)?);
-                }
-                leaders.dedup();
-                if leaders.len() != 1 {
-                    return Err(format!("nodes name different leaders: {leaders:?}"));
-                }
-                Ok(())
+                let live = c.live();
+                members_agree(&live, n, |i| c.status(i), |i| c.leader_seen_by(i))
             },
         )
     }
@@ -973,23 +960,9 @@ impl NetCluster {
         &mut self,
         what: &str,
         timeout: Duration,
-        mut f: impl FnMut(&mut NetCluster) -> Result<T, String>,
+        f: impl FnMut(&mut NetCluster) -> Result<T, String>,
     ) -> T {
-        let start = Instant::now();
-        loop {
-            let last = match f(self) {
-                Ok(v) => return v,
-                Err(e) => e,
-            };
-            if start.elapsed() >= timeout {
-                panic!(
-                    "timed out after {:.1} s waiting for {what}\nlast seen: {last}\n{}",
-                    start.elapsed().as_secs_f64(),
-                    self.logs(&self.all())
-                );
-            }
-            std::thread::sleep(POLL);
-        }
+        poll_until(self, what, timeout, f, |c| c.logs(&c.all()))
     }
 
     /// The tails of the logs of the nodes `which`.

@@ -98,6 +98,24 @@ pub fn slabs_to_rebuild(view: &MetaView, name: &str, rebuild_after: Duration) ->
         .collect()
 }
 
+/// The copies among `targets` that are still resyncing; an error when
+/// none is (they went stale meanwhile).
+fn resyncing<'a>(
+    s: &'a SlabView,
+    slab: u64,
+    targets: &[usize],
+) -> Result<Vec<&'a Rep>, BlockError> {
+    let reps: Vec<&Rep> = targets
+        .iter()
+        .filter_map(|t| s.reps.get(*t))
+        .filter(|r| r.state == ReplicaState::Rebuilding)
+        .collect();
+    if reps.is_empty() {
+        return Err(io(format!("slab {slab}: the resyncing copies went stale")));
+    }
+    Ok(reps)
+}
+
 /// One replica as a request sees it.
 #[derive(Clone, Debug)]
 struct Rep {
@@ -399,17 +417,8 @@ impl MirrorVolume {
     ) -> Result<u64, BlockError> {
         let bs = block_api::BLOCK_SIZE as u64;
         let view = self.cluster.meta.view();
-        let s = self
-            .slab_view(&view, slab)
-            .ok_or_else(|| io(format!("slab {slab} vanished during resync")))?;
-        let dst: Vec<&Rep> = targets
-            .iter()
-            .filter_map(|t| s.reps.get(*t))
-            .filter(|r| r.state == ReplicaState::Rebuilding)
-            .collect();
-        if dst.is_empty() {
-            return Err(io(format!("slab {slab}: the resyncing copies went stale")));
-        }
+        let s = self.resync_view(&view, slab)?;
+        let dst = resyncing(&s, slab, targets)?;
         let order = self.read_order(&s);
         let src = order
             .first()
@@ -691,21 +700,18 @@ impl MirrorVolume {
         Ok(fixed)
     }
 
+    /// The slab during its resync.
+    fn resync_view(&self, view: &MetaView, slab: u64) -> Result<SlabView, BlockError> {
+        self.slab_view(view, slab)
+            .ok_or_else(|| io(format!("slab {slab} vanished during resync")))
+    }
+
     /// Step 3 of a resync: the copies, made durable, become current.
     pub async fn finish_resync(&self, slab: u64, targets: &[usize]) -> Result<(), BlockError> {
         for _ in 0..EPOCH_RETRIES {
             let view = self.cluster.meta.view();
-            let s = self
-                .slab_view(&view, slab)
-                .ok_or_else(|| io(format!("slab {slab} vanished during resync")))?;
-            let done: Vec<&Rep> = targets
-                .iter()
-                .filter_map(|t| s.reps.get(*t))
-                .filter(|r| r.state == ReplicaState::Rebuilding)
-                .collect();
-            if done.is_empty() {
-                return Err(io(format!("slab {slab}: the resyncing copies went stale")));
-            }
+            let s = self.resync_view(&view, slab)?;
+            let done = resyncing(&s, slab, targets)?;
             for r in &done {
                 match self.call(r, Request::Flush).await {
                     Outcome::Done(_) => {}
