@@ -1064,32 +1064,20 @@ impl MirrorVolume {
                 })
                 .collect();
             tracing::warn!(volume = %self.name, slab, failed = ?failed, "marking replicas stale");
-            match self
-                .commit(Op::ChangeReplicas(ChangeReplicas {
-                    volume: self.name.clone(),
-                    slab,
-                    epoch: s.epoch,
-                    states,
-                    ..Default::default()
-                }))
-                .await
+            if self.change(slab, s.epoch, states).await? {
+                return Ok(());
+            }
+            // The slab changed meanwhile: fine if the failed replicas are
+            // stale now, else decide again.
+            let view = self.cluster.meta.view();
+            if let Some(now) = self.slab_view(&view, slab)
+                && failed.iter().all(|f| {
+                    now.reps
+                        .get(f.0)
+                        .is_none_or(|r| r.state == ReplicaState::Stale)
+                })
             {
-                Ok(_) => return Ok(()),
-                Err(MetaError::Rejected(_)) => {
-                    // The slab changed meanwhile: fine if the failed
-                    // replicas are stale now, else decide again.
-                    let view = self.cluster.meta.view();
-                    if let Some(now) = self.slab_view(&view, slab)
-                        && failed.iter().all(|f| {
-                            now.reps
-                                .get(f.0)
-                                .is_none_or(|r| r.state == ReplicaState::Stale)
-                        })
-                    {
-                        return Ok(());
-                    }
-                }
-                Err(e) => return Err(Self::meta_err(e)),
+                return Ok(());
             }
         }
         Err(io(format!(
@@ -1379,19 +1367,8 @@ impl MirrorVolume {
                     }
                 })
                 .collect();
-            match self
-                .commit(Op::ChangeReplicas(ChangeReplicas {
-                    volume: self.name.clone(),
-                    slab,
-                    epoch: s.epoch,
-                    states,
-                    ..Default::default()
-                }))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(MetaError::Rejected(_)) => continue,
-                Err(e) => return Err(Self::meta_err(e)),
+            if self.change(slab, s.epoch, states).await? {
+                return Ok(());
             }
         }
         Err(io(format!(
